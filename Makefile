@@ -1,0 +1,46 @@
+# guixsvc developer entry points.  `make run` and `make test` are the two commands of README.md.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+LOCAL ?= $(CURDIR)/local
+APT_PACKAGES := nix-bin busybox-static libgcrypt20 guile-3.0 guile-gcrypt systemd \
+                libsystemd-dev pkg-config
+
+.PHONY: run test setup setup-system lint bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# System packages the tests use as oracles and real parts (only when root with apt).
+setup-system:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  missing=""; for p in $(APT_PACKAGES); do \
+	    dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	  if [ -n "$$missing" ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  fi; \
+	else echo "not root or no apt-get: skipping system packages ($(APT_PACKAGES))"; fi
+
+setup: $(PY) setup-system
+	$(PY) -m pip install -q -e '.[test]'
+	@if pkg-config --exists libsystemd 2>/dev/null; then $(PY) -m pip install -q -e '.[systemd]'; fi
+
+# The embedded default: a daemon on a store under ./local, no root needed.
+run: $(PY)
+	$(PY) -m pip install -q -e .
+	$(PY) -m guixsvc.devserver --root $(LOCAL)
+
+lint: setup
+	$(VENV)/bin/ruff check guixsvc tests bench
+	$(VENV)/bin/ruff format --check guixsvc tests bench
+
+test: setup
+	$(VENV)/bin/ruff check guixsvc tests bench
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
+
+bench: setup
+	$(PY) bench/store_ops.py
+
+clean:
+	rm -rf $(VENV) $(LOCAL) build *.egg-info

@@ -1,0 +1,1 @@
+"""The guix-daemon server: listening, per-connection sessions, the local store."""

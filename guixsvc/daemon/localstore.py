@@ -1,0 +1,716 @@
+"""LocalStore: the store interface of `protocol.store_api` implemented on a local store.
+
+This is where store items are made the way upstream makes them (spec/store.md §8): content goes
+to a staging name inside the store (temp-rooted), is canonicalised, renamed into place under the
+item's path lock, deduplicated, and registered in one database transaction.  A failure at any
+point removes what was written, so nothing half-valid is ever left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import hashlib
+import itertools
+import logging
+import os
+import pwd
+import shutil
+import stat
+from collections.abc import Callable
+
+from guixsvc.daemon.settings import Settings, SettingsError
+from guixsvc.protocol.ops import (
+    EXPORT_MAGIC,
+    READ_CHUNK,
+    AddToStoreRequest,
+    BuildMode,
+    ClientOptions,
+    GCRequest,
+)
+from guixsvc.protocol.store_api import (
+    GCResult,
+    NarFeeder,
+    NotImplementedYet,
+    PathInfo,
+    ReadSource,
+    StoreError,
+    SubstitutablePathInfo,
+    WriteSink,
+)
+from guixsvc.protocol.wire import ProtocolError, encode_int, encode_string, encode_strings
+from guixsvc.store import base32, nar, roots
+from guixsvc.store.canonical import canonicalise
+from guixsvc.store.config import StoreConfig
+from guixsvc.store.db import InvalidPathError, StoreDatabase, ValidPathInfo, ensure_reserved
+from guixsvc.store.derivation import (
+    Derivation,
+    DerivationError,
+    check_derivation_outputs,
+    parse_derivation,
+)
+from guixsvc.store.hashes import UnknownHashType, new_hasher, parse_db_hash
+from guixsvc.store.locks import PathLocks
+from guixsvc.store.optimise import optimise_path, optimise_store
+from guixsvc.store.paths import InvalidName, InvalidStorePath, StorePath, check_name
+
+log = logging.getLogger("guix-daemon")
+
+LVL_ERROR, LVL_INFO, LVL_TALKATIVE, LVL_CHATTY, LVL_DEBUG = range(5)
+
+Logger = Callable[[int, str], None]
+
+_staging_counter = itertools.count()
+
+
+def initialise_store(config: StoreConfig, settings: Settings) -> None:
+    """Create the store's directories and database (what upstream does when opening a store)."""
+    for directory in (
+        config.store_dir,
+        os.path.join(config.store_dir, ".links"),
+        os.path.join(config.state_dir, "profiles"),
+        os.path.join(config.state_dir, "temproots"),
+        os.path.join(config.state_dir, "gcroots"),
+        config.db_dir,
+    ):
+        os.makedirs(directory, exist_ok=True)
+    profiles_link = os.path.join(config.state_dir, "gcroots", "profiles")
+    if not os.path.lexists(profiles_link):
+        with contextlib.suppress(FileExistsError):
+            os.symlink(os.path.join(config.state_dir, "profiles"), profiles_link)
+    group = settings.get("build-users-group")
+    if os.geteuid() == 0 and group:
+        os.makedirs(os.path.join(config.state_dir, "profiles", "per-user"), 0o755, exist_ok=True)
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise StoreError(
+                f"the group `{group}' specified in `build-users-group' does not exist"
+            ) from None
+        st = os.stat(config.store_dir)
+        if st.st_uid != 0 or st.st_gid != gid:
+            os.chown(config.store_dir, 0, gid)
+        if stat.S_IMODE(st.st_mode) != 0o1775:
+            os.chmod(config.store_dir, 0o1775)
+    db = StoreDatabase.open(config.db_dir)
+    db.close()
+
+
+def delete_path(path: str) -> None:
+    """Remove a file tree even if canonicalisation made its directories read-only."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(path)
+        return
+
+    os.chmod(path, 0o755)
+    for dirpath, dirnames, _ in os.walk(path):
+        for d in dirnames:
+            full = os.path.join(dirpath, d)
+            if not os.path.islink(full):
+                os.chmod(full, 0o755)
+    shutil.rmtree(path)
+
+
+class _FlatSink:
+    """NAR sink for flat AddToStore: keeps the contents of a top-level regular file only."""
+
+    def __init__(self, dest: str, hasher: hashlib._Hash) -> None:
+        self.dest = dest
+        self.hasher = hasher
+        self.regular = True
+        self.fd: int | None = None
+
+    def directory(self, path: str) -> None:
+        if path == "":
+            self.regular = False
+
+    def symlink(self, path: str, target: bytes) -> None:
+        if path == "":
+            self.regular = False
+
+    def file_start(self, path: str, executable: bool, size: int) -> None:
+        if path == "":
+            self.fd = os.open(
+                self.dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666
+            )
+
+    def file_data(self, chunk: memoryview | bytes) -> None:
+        if self.fd is not None:
+            self.hasher.update(chunk)
+            os.write(self.fd, chunk)
+
+    def file_end(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class _Source:
+    """Reads ImportPaths' stream through STDERR_READ, hashing what it consumes when asked."""
+
+    def __init__(self, read: ReadSource) -> None:
+        self.read = read
+        self.buf = b""
+        self.hasher: hashlib._Hash | None = None
+
+    def take(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            self.buf += self.read(READ_CHUNK)
+        data, self.buf = self.buf[:n], self.buf[n:]
+        if self.hasher is not None:
+            self.hasher.update(data)
+        return data
+
+    def u64(self) -> int:
+        return int.from_bytes(self.take(8), "little")
+
+    def string(self, limit: int = 1 << 20) -> str:
+        n = self.u64()
+        if n > limit:
+            raise StoreError("string is too long")
+        data = self.take(n + (-n) % 8)
+        return data[:n].decode("utf-8", "surrogateescape")
+
+    def strings(self) -> list[str]:
+        return [self.string() for _ in range(self.u64())]
+
+    def feed_nar(self, parser: nar.NarParser, hasher: hashlib._Hash) -> None:
+        while not parser.done:
+            if not self.buf:
+                self.buf = self.read(READ_CHUNK)
+            used = parser.feed(self.buf)
+            hasher.update(self.buf[:used])
+            self.buf = self.buf[used:]
+
+
+class LocalStore:
+    """One session's view of the local store (opened in the worker process)."""
+
+    def __init__(
+        self,
+        config: StoreConfig,
+        settings: Settings,
+        message: Logger,
+        *,
+        trusted: bool,
+        remote: bool,
+    ) -> None:
+        self.config = config
+        self.sd = config.store
+        self.settings = settings
+        self.message = message
+        self.trusted = trusted
+        self.remote = remote
+        self.db = StoreDatabase.open(
+            config.db_dir,
+            wal=settings.get_bool("use-sqlite-wal"),
+            fsync=settings.get_bool("fsync-metadata"),
+        )
+        self._temp_roots: roots.TempRoots | None = None
+        self._drv_hashes: dict[str, bytes] = {}
+
+    def close(self) -> None:
+        if self._temp_roots is not None:
+            self._temp_roots.close()
+            self._temp_roots = None
+        self.db.close()
+
+    # -- session set-up ------------------------------------------------------------------------
+
+    def reserve_space(self, reserve: bool) -> None:
+        with contextlib.suppress(OSError):
+            ensure_reserved(
+                self.config.db_dir, reserve, self.settings.get_int("gc-reserved-space", 8 << 20)
+            )
+
+    def create_user_profile_dir(self, user: str) -> None:
+        entry = pwd.getpwnam(user)
+        directory = os.path.join(self.config.state_dir, "profiles", "per-user", user)
+        os.makedirs(directory, 0o755, exist_ok=True)
+        if os.geteuid() == 0:
+            st = os.stat(directory)
+            if st.st_uid != entry.pw_uid:
+                os.chown(directory, entry.pw_uid, entry.pw_gid)
+
+    def set_options(self, options: ClientOptions) -> None:
+        try:
+            users = self.settings.apply_client_options(
+                options, trusted=self.trusted, remote=self.remote, peer_uid_known=not self.remote
+            )
+        except SettingsError as exc:
+            raise ProtocolError(str(exc)) from None
+        for user in users:
+            try:
+                self.create_user_profile_dir(user)
+            except KeyError:
+                log.info("user name %s not found", user)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _path(self, sp: StorePath) -> str:
+        return self.sd.display(sp)
+
+    def _parse(self, path: str) -> StorePath:
+        return self.sd.parse(path)
+
+    def _not_valid(self, sp: StorePath) -> StoreError:
+        return StoreError(f"path `{self._path(sp)}' is not valid")
+
+    def _staging_path(self) -> str:
+        staged = os.path.join(self.config.store_dir, f"nix-{os.getpid()}-{next(_staging_counter)}")
+        self._roots().add(staged)
+        delete_path(staged)
+        return staged
+
+    def _roots(self) -> roots.TempRoots:
+        if self._temp_roots is None:
+            self._temp_roots = roots.TempRoots(self.config.state_dir)
+        return self._temp_roots
+
+    def _read_drv(self, path: str) -> Derivation:
+        if not self.db.is_valid(path):
+            raise StoreError(f"path `{path}' is not valid")
+        with open(path, "rb") as f:
+            data = f.read()
+        try:
+            return parse_derivation(data)
+        except DerivationError as exc:
+            raise StoreError(f"error parsing derivation `{path}': {exc}") from None
+
+    def _register_derivation(self, sp: StorePath, contents: bytes) -> None:
+        path = self._path(sp)
+        try:
+            drv = parse_derivation(contents)
+            check_derivation_outputs(self.sd, sp, drv, self._read_drv, self._drv_hashes)
+        except DerivationError as exc:
+            raise StoreError(str(exc)) from None
+        self.db.add_derivation_outputs(path, {n: o.path for n, o in drv.outputs.items()})
+
+    def _install(
+        self,
+        sp: StorePath,
+        staged: str,
+        references: list[StorePath],
+        *,
+        nar_hash: bytes | None = None,
+        nar_size: int | None = None,
+        deriver: StorePath | None = None,
+    ) -> None:
+        """Move a staged item into place and register it, unless the path is already valid.
+
+        The staged tree is removed in every case where it is not installed.
+        """
+        dest = self._path(sp)
+        try:
+            self.add_temp_root(sp)
+            if self.db.is_valid(dest):
+                return
+            with PathLocks([dest]) as locks:
+                if self.db.is_valid(dest):
+                    return
+                delete_path(dest)
+                canonicalise(staged)
+                os.rename(staged, dest)
+                try:
+                    if nar_hash is None:
+                        nar_hash, nar_size = nar.hash_path(dest)
+                    if self.settings.get_bool("auto-optimise-store"):
+                        optimise_path(self.config.store_dir, dest)
+                    drv_contents = None
+                    if sp.is_derivation and os.path.isfile(dest) and not os.path.islink(dest):
+                        with open(dest, "rb") as f:
+                            drv_contents = f.read()
+                    info = ValidPathInfo(
+                        path=dest,
+                        nar_hash="sha256:" + nar_hash.hex(),
+                        nar_size=nar_size,
+                        references=frozenset(self._path(r) for r in references),
+                        deriver=self._path(deriver) if deriver else None,
+                    )
+                    with self.db.transaction():
+                        self.db.register_valid_paths([info])
+                        if drv_contents is not None:
+                            self._register_derivation(sp, drv_contents)
+                except InvalidPathError as exc:
+                    delete_path(dest)
+                    raise StoreError(str(exc)) from None
+                except BaseException:
+                    delete_path(dest)
+                    raise
+                locks.set_deletion(True)
+        finally:
+            delete_path(staged)
+
+    # -- queries -------------------------------------------------------------------------------
+
+    def is_valid_path(self, path: StorePath) -> bool:
+        return self.db.is_valid(self._path(path))
+
+    def query_valid_paths(self, paths: list[StorePath]) -> list[StorePath]:
+        return [self._parse(p) for p in self.db.valid_subset([self._path(p) for p in paths])]
+
+    def query_path_info(self, path: StorePath) -> PathInfo:
+        info = self.db.path_info(self._path(path))
+        if info is None:
+            raise self._not_valid(path)
+        _, digest = parse_db_hash(info.nar_hash, info.path)
+        return PathInfo(
+            path=path,
+            deriver=self._parse(info.deriver) if info.deriver else None,
+            nar_hash=digest,
+            references=sorted(self._parse(r) for r in info.references),
+            registration_time=info.registration_time or 0,
+            nar_size=info.nar_size or 0,
+        )
+
+    def query_referrers(self, path: StorePath) -> list[StorePath]:
+        return [self._parse(p) for p in self.db.referrers(self._path(path))]
+
+    def query_valid_derivers(self, path: StorePath) -> list[StorePath]:
+        return [self._parse(p) for p in self.db.valid_derivers(self._path(path))]
+
+    def query_derivation_outputs(self, drv: StorePath) -> dict[str, StorePath]:
+        path = self._path(drv)
+        if not self.db.is_valid(path):
+            raise StoreError(f"path ‘{path}’ is not valid")
+        return {n: self._parse(p) for n, p in self.db.derivation_outputs(path).items()}
+
+    def query_path_from_hash_part(self, hash_part: str) -> StorePath | None:
+        found = self.db.path_from_hash_part(f"{self.config.store_dir}/{hash_part}")
+        return self._parse(found) if found else None
+
+    def query_all_valid_paths(self) -> list[StorePath]:
+        return [self._parse(p) for p in self.db.all_valid_paths()]
+
+    # -- adding items ----------------------------------------------------------------------------
+
+    def add_text_to_store(
+        self, name: str, contents: bytes, references: list[StorePath]
+    ) -> StorePath:
+        try:
+            sp = self.sd.make_text_path(name, hashlib.sha256(contents).digest(), references)
+        except InvalidName as exc:
+            raise StoreError(str(exc)) from None
+        if self.db.is_valid(self._path(sp)):
+            self.add_temp_root(sp)
+            return sp
+        staged = self._staging_path()
+        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+        try:
+            view = memoryview(contents)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        nar_hash = hashlib.sha256(nar.dump_regular(contents)).digest()
+        nar_size = len(nar.dump_regular(b"")) + len(contents) + (-len(contents)) % 8
+        self._install(sp, staged, references, nar_hash=nar_hash, nar_size=nar_size)
+        return sp
+
+    def add_to_store(self, request: AddToStoreRequest, feed_nar: NarFeeder) -> StorePath:
+        recursive, algo = request.recursive, request.algo
+        if not request.fixed:
+            recursive, algo = True, "sha256"
+        problem: StoreError | None = None
+        try:
+            check_name(request.name)
+            content_hasher = new_hasher(algo)
+        except (InvalidName, UnknownHashType) as exc:
+            problem = StoreError(str(exc))
+        if problem is not None:
+            self._consume_nar(feed_nar, nar.NullSink())
+            raise problem
+        staged = self._staging_path()
+        try:
+            nar_hasher = hashlib.sha256()
+            if recursive:
+                with nar.RestoreSink(staged) as sink:
+                    nar_size = self._consume_nar(feed_nar, sink, content_hasher, nar_hasher)
+                nar_digest = nar_hasher.digest()
+            else:
+                flat = _FlatSink(staged, content_hasher)
+                try:
+                    self._consume_nar(feed_nar, flat)
+                finally:
+                    flat.file_end()
+                if not flat.regular or not os.path.exists(staged):
+                    raise StoreError("regular file expected")
+                nar_digest, nar_size = nar.hash_path(staged)
+            sp = self.sd.make_fixed_output_path(
+                recursive, algo, content_hasher.digest(), request.name
+            )
+        except BaseException:
+            delete_path(staged)
+            raise
+        self._install(sp, staged, [], nar_hash=nar_digest, nar_size=nar_size)
+        return sp
+
+    def _consume_nar(
+        self,
+        feed_nar: NarFeeder,
+        sink: nar.NarSink,
+        *hashers: hashlib._Hash,
+    ) -> int:
+        parser = nar.NarParser(sink)
+        total = 0
+
+        def consume(chunk: memoryview) -> int:
+            nonlocal total
+            used = parser.feed(chunk)
+            if hashers:
+                part = chunk[:used]
+                for h in hashers:
+                    h.update(part)
+            total += used
+            return used
+
+        try:
+            feed_nar(consume, lambda: parser.done)
+        except nar.NarError as exc:
+            # The rest of the archive is still on the wire: the session cannot continue.
+            raise ProtocolError(str(exc)) from None
+        return total
+
+    # -- export / import -------------------------------------------------------------------------
+
+    def export_path(self, path: StorePath, sign: bool, sink: WriteSink) -> None:
+        dest = self._path(path)
+        info = self.db.path_info(dest)
+        if info is None:
+            raise self._not_valid(path)
+        nar_hasher = hashlib.sha256()
+        record = hashlib.sha256()
+        for chunk in nar.dump(dest):
+            nar_hasher.update(chunk)
+            record.update(chunk)
+            sink(chunk)
+        _, stored = parse_db_hash(info.nar_hash, dest)
+        actual = nar_hasher.digest()
+        if actual != stored and any(stored):
+            raise StoreError(
+                f"hash of path `{dest}' has changed from `{base32.encode(stored)}' to "
+                f"`{base32.encode(actual)}'!"
+            )
+        trailer = b"".join((
+            encode_int(EXPORT_MAGIC),
+            encode_string(dest),
+            encode_strings(sorted(info.references)),
+            encode_string(info.deriver or ""),
+        ))  # fmt: skip
+        record.update(trailer)
+        sink(trailer)
+        if sign:
+            sink(encode_int(1) + encode_string(self._sign(record.digest())))
+        else:
+            sink(encode_int(0))
+
+    def _sign(self, digest: bytes) -> bytes:
+        """What `guix authenticate sign` returns for the daemon's signing key."""
+        from guixsvc.pki import keys  # loaded only when signing
+
+        key_file = self.config.signing_key_secret
+        try:
+            keys.check_secrecy(key_file)
+            return keys.sign_hash(key_file, digest)
+        except keys.PkiError as exc:
+            raise StoreError(str(exc).rstrip("\n")) from None
+
+    def import_paths(self, read: ReadSource) -> list[StorePath]:
+        source = _Source(read)
+        imported: list[StorePath] = []
+        while True:
+            marker = source.u64()
+            if marker == 0:
+                return imported
+            if marker != 1:
+                raise StoreError(
+                    "input doesn't look like something created by `nix-store --export'"
+                )
+            imported.append(self._import_one(source))
+
+    def _import_one(self, source: _Source) -> StorePath:
+        staged = self._staging_path()
+        try:
+            record = hashlib.sha256()
+            with nar.RestoreSink(staged) as sink:
+                parser = nar.NarParser(sink)
+                try:
+                    source.feed_nar(parser, record)
+                except nar.NarError as exc:
+                    raise StoreError(str(exc)) from None
+            source.hasher = record
+            if source.u64() != EXPORT_MAGIC:
+                raise StoreError("normalized archive cannot be imported; wrong format")
+            dest = source.string()
+            refs = source.strings()
+            deriver = source.string()
+            source.hasher = None
+            digest = record.digest()
+            if source.u64() != 1:
+                raise StoreError(f"imported archive of `{dest}' lacks a signature")
+            signature = source.string(limit=1 << 16)
+            self._check_signature(signature.encode("utf-8", "surrogateescape"), digest)
+            try:
+                sp = self._parse(dest)
+                ref_paths = [self._parse(r) for r in refs]
+                deriver_path = self._parse(deriver) if deriver else None
+            except InvalidStorePath as exc:
+                raise StoreError(str(exc)) from None
+            if deriver_path and not self.db.is_valid(self._path(deriver_path)):
+                deriver_path = None
+        except BaseException:
+            delete_path(staged)
+            raise
+        self._install(sp, staged, ref_paths, deriver=deriver_path)
+        return sp
+
+    def _check_signature(self, signature: bytes, digest: bytes) -> None:
+        from guixsvc.pki import keys  # libgcrypt is loaded only when verifying
+
+        try:
+            acl = keys.current_acl(self.config.conf_dir)
+        except (OSError, keys.PkiError):
+            acl = keys.Acl([])
+        try:
+            signed = keys.verify_signature(signature, acl)
+        except keys.SignatureError as exc:
+            raise StoreError(str(exc)) from None
+        if signed != digest:
+            raise StoreError(
+                "signed hash doesn't match actual contents of imported archive; archive could "
+                "be corrupt, or someone is trying to import a Trojan horse"
+            )
+
+    # -- building (owned by guixsvc.daemon.build) ------------------------------------------------
+
+    def _outputs_valid(self, item: str) -> bool:
+        path, _, wanted = item.partition("!")
+        if not path.endswith(".drv"):
+            return self.db.is_valid(path)
+        if not self.db.is_valid(path):
+            return False
+        outputs = self.db.derivation_outputs(path)
+        names = wanted.split(",") if wanted else list(outputs)
+        return all(n in outputs and self.db.is_valid(outputs[n]) for n in names)
+
+    def build_paths(self, items: list[str], mode: BuildMode) -> None:
+        if mode == BuildMode.REPAIR and not self.trusted:
+            raise ProtocolError("repairing is a privileged operation")
+        missing = [i for i in items if not self._outputs_valid(i)]
+        if mode == BuildMode.NORMAL and not missing:
+            return
+        raise NotImplementedYet("building derivations")
+
+    def ensure_path(self, path: StorePath) -> None:
+        if self.db.is_valid(self._path(path)):
+            return
+        if self.substitute(path):
+            return
+        raise StoreError(f"path `{self._path(path)}' does not exist and cannot be created")
+
+    # -- substitutes (owned by guixsvc.daemon.substituter) ---------------------------------------
+
+    def substitute(self, path: StorePath, *, repair: bool = False) -> bool:
+        """Try to make `path` valid from a substitute; True when it is valid afterwards."""
+        if not self.settings.substitute_urls():
+            return False
+        raise NotImplementedYet(f"substituting `{self._path(path)}'")
+
+    def has_substitutes(self, path: StorePath) -> bool:
+        if not self.settings.substitute_urls():
+            return False
+        raise NotImplementedYet("substitutes")
+
+    def query_substitutable_paths(self, paths: list[StorePath]) -> list[StorePath]:
+        if not paths or not self.settings.substitute_urls():
+            return []
+        raise NotImplementedYet("substitutes")
+
+    def query_substitutable_path_infos(self, paths: list[StorePath]) -> list[SubstitutablePathInfo]:
+        if not paths or not self.settings.substitute_urls():
+            return []
+        raise NotImplementedYet("substitutes")
+
+    def substitute_urls(self) -> list[str]:
+        return self.settings.substitute_urls()
+
+    def builtin_builders(self) -> list[str]:
+        return ["download", "git-download"]
+
+    # -- roots and GC ------------------------------------------------------------------------------
+
+    def add_temp_root(self, path: StorePath) -> None:
+        self._roots().add(self._path(path))
+
+    def add_indirect_root(self, file_name: str) -> None:
+        roots.add_indirect_root(
+            self.config.state_dir, os.path.abspath(os.path.join("/", file_name))
+        )
+
+    def sync_with_gc(self) -> None:
+        roots.sync_with_gc(self.config.state_dir)
+
+    def find_roots(self) -> dict[str, StorePath]:
+        found = roots.find_roots(self.config.state_dir, self.config.store_dir, self.db.is_valid)
+        return {link: self._parse(path) for link, path in found.items()}
+
+    def collect_garbage(self, request: GCRequest) -> GCResult:
+        # Owned by guixsvc.daemon.gc.
+        raise NotImplementedYet("garbage collection")
+
+    # -- maintenance -------------------------------------------------------------------------------
+
+    def query_failed_paths(self) -> list[str]:
+        return self.db.failed_paths()
+
+    def clear_failed_paths(self, paths: list[str]) -> None:
+        self.db.clear_failed_paths(paths)
+
+    def optimise_store(self) -> None:
+        freed, linked = optimise_store(self.config.store_dir, self.db.all_valid_paths())
+        self.message(
+            LVL_INFO, f"{freed / (1024 * 1024):.2f} MiB freed by hard-linking {linked} files"
+        )
+
+    def verify_store(self, check_contents: bool, repair: bool) -> bool:
+        if repair and not self.trusted:
+            raise StoreError("you are not privileged to repair paths")
+        errors = False
+        self.message(LVL_ERROR, "reading the store...")
+        with roots.GCLock(self.config.state_dir, exclusive=True):
+            for path in self.db.all_valid_paths():
+                if os.path.lexists(path):
+                    continue
+                live = [r for r in self.db.referrers(path) if r != path]
+                if live:
+                    self.message(
+                        LVL_ERROR,
+                        f"path `{path}' disappeared, but it still has valid referrers!",
+                    )
+                    errors = True
+                else:
+                    self.message(LVL_ERROR, f"path `{path}' disappeared, removing from database...")
+                    self.db.invalidate_path(path)
+        if check_contents:
+            self.message(LVL_ERROR, "checking hashes...")
+            for path in self.db.all_valid_paths():
+                info = self.db.path_info(path)
+                assert info is not None
+                _, stored = parse_db_hash(info.nar_hash, path)
+                actual, size = nar.hash_path(path)
+                if not any(stored) or not info.nar_size:
+                    self.db.update_path_info(path, "sha256:" + actual.hex(), size)
+                elif actual != stored:
+                    self.message(
+                        LVL_ERROR,
+                        f"path `{path}' was modified! expected hash `{stored.hex()}', "
+                        f"got `{actual.hex()}'",
+                    )
+                    if repair:
+                        self.message(LVL_ERROR, f"cannot repair path `{path}'")
+                    errors = True
+        return errors

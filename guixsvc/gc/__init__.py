@@ -1,0 +1,1 @@
+"""The `guix gc` command."""

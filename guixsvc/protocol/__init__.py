@@ -1,0 +1,1 @@
+"""The guix-daemon worker protocol as sans-I/O code, plus a blocking client."""

@@ -1,0 +1,1 @@
+"""The `guix publish` HTTP substitute server."""

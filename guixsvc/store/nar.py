@@ -1,0 +1,748 @@
+"""NAR (Nix ARchive): streaming serialisation, a push parser and restore/null sinks.
+
+NAR is the canonical serialisation of a store item: its SHA-256 is the item's NAR hash, it is
+what `guix publish` serves, what ImportPaths/ExportPath carry and what AddToStore receives.  The
+writer must be byte-identical to upstream (`nix/libutil/archive.cc`, spec store.md §5); the
+parser must accept what the daemon accepts and reject what it rejects, and work incrementally on
+socket buffers (it reports how many bytes belonged to the archive so the caller can hand the
+rest to the next protocol message).
+
+Memory stays bounded: `dump` reads files in 1 MiB chunks and batches small tokens, `NarParser`
+hands file contents to its sink as slices of the buffers it is fed and only buffers at most one
+token of structure.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Iterable, Iterator
+from typing import Protocol
+
+from guixsvc.store.hashes import new_hasher
+
+__all__ = [
+    "DEFAULT_MAX_TOKEN",
+    "MAX_SYMLINK_TARGET",
+    "NarError",
+    "NarParser",
+    "NarSink",
+    "NullSink",
+    "RestoreSink",
+    "dump",
+    "dump_regular",
+    "hash_path",
+    "restore",
+]
+
+NAR_VERSION_MAGIC = b"nix-archive-1"
+
+DEFAULT_MAX_TOKEN = 64 * 1024
+"""Largest non-content token (name, tag, executable argument) the parser accepts."""
+
+MAX_SYMLINK_TARGET = 4096
+"""Largest symlink target the parser accepts (Linux PATH_MAX)."""
+
+_READ_CHUNK = 1 << 20  # file contents are read this many bytes at a time
+_SMALL_FILE = 64 * 1024  # files up to this size are batched with the surrounding tokens
+_FLUSH = 256 * 1024  # batched output is yielded once it reaches this size
+_MAX_OPEN_DIRS = 64  # directory fds a RestoreSink keeps open at most (plus the top one)
+
+_ZEROS = bytes(8)
+
+
+class NarError(ValueError):
+    """A malformed archive, or a file that cannot be archived (upstream messages)."""
+
+
+def _bad(msg: str) -> NarError:
+    return NarError(f"bad archive: {msg}")
+
+
+def _pad_len(n: int) -> int:
+    return (8 - n % 8) % 8
+
+
+def _str(data: bytes) -> bytes:
+    """A protocol string: u64 LE length, the bytes, zero padding to a multiple of 8."""
+    n = len(data)
+    return n.to_bytes(8, "little") + data + _ZEROS[: _pad_len(n)]
+
+
+# Pre-serialised token sequences.
+_HEADER = _str(NAR_VERSION_MAGIC)
+_OPEN = _str(b"(")
+_CLOSE = _str(b")")
+_REGULAR = _OPEN + _str(b"type") + _str(b"regular")
+_EXECUTABLE = _str(b"executable") + _str(b"")
+_CONTENTS = _str(b"contents")
+_SYMLINK = _OPEN + _str(b"type") + _str(b"symlink") + _str(b"target")
+_DIRECTORY = _OPEN + _str(b"type") + _str(b"directory")
+_ENTRY = _str(b"entry") + _OPEN + _str(b"name")
+_NODE = _str(b"node")
+_CLOSE2 = _CLOSE + _CLOSE
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+def dump_regular(data: bytes, executable: bool = False) -> bytes:
+    """The NAR of a single regular file with contents `data`."""
+    return b"".join(
+        (
+            _HEADER,
+            _REGULAR,
+            _EXECUTABLE if executable else b"",
+            _CONTENTS,
+            len(data).to_bytes(8, "little"),
+            data,
+            _ZEROS[: _pad_len(len(data))],
+            _CLOSE,
+        )
+    )
+
+
+def _read_exactly(fd: int, size: int, path: bytes) -> Iterator[bytes]:
+    left = size
+    while left > 0:
+        chunk = os.read(fd, min(left, _READ_CHUNK))
+        if not chunk:
+            raise NarError(f"unexpected end-of-file reading `{os.fsdecode(path)}'")
+        left -= len(chunk)
+        yield chunk
+
+
+def dump(path: str | os.PathLike[str] | bytes) -> Iterator[bytes]:
+    """Serialise the file system object at `path` as a NAR, as a stream of byte chunks.
+
+    Directory entries are sorted bytewise; file contents are read in chunks of 1 MiB, and small
+    tokens and small files are batched into chunks of about 256 KiB.  Raises NarError for file
+    types NAR cannot represent (`file `X' has an unsupported type`) and OSError for I/O errors.
+    The directory tree is walked without recursion, so depth is not limited by Python's stack.
+    """
+    top = os.fsencode(path)
+    buf = bytearray(_HEADER)
+    # Stack of open directories: (path, iterator over the remaining sorted entry names).
+    stack: list[tuple[bytes, Iterator[bytes]]] = []
+    node: bytes | None = top
+    while True:
+        if node is not None:
+            st = os.lstat(node)
+            mode = st.st_mode
+            if stat.S_ISREG(mode):
+                size = st.st_size
+                buf += _REGULAR
+                if mode & stat.S_IXUSR:
+                    buf += _EXECUTABLE
+                buf += _CONTENTS
+                buf += size.to_bytes(8, "little")
+                if size:
+                    fd = os.open(node, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                    try:
+                        if size <= _SMALL_FILE:
+                            for chunk in _read_exactly(fd, size, node):
+                                buf += chunk
+                        else:
+                            yield bytes(buf)
+                            buf.clear()
+                            yield from _read_exactly(fd, size, node)
+                    finally:
+                        os.close(fd)
+                    buf += _ZEROS[: _pad_len(size)]
+                buf += _CLOSE2 if stack else _CLOSE
+            elif stat.S_ISDIR(mode):
+                buf += _DIRECTORY
+                stack.append((node, iter(sorted(os.listdir(node)))))
+            elif stat.S_ISLNK(mode):
+                buf += _SYMLINK
+                buf += _str(os.readlink(node))
+                buf += _CLOSE2 if stack else _CLOSE
+            else:
+                raise NarError(f"file `{os.fsdecode(node)}' has an unsupported type")
+            if len(buf) >= _FLUSH:
+                yield bytes(buf)
+                buf.clear()
+        # Find the next node: the next entry of the innermost unfinished directory.
+        node = None
+        while stack:
+            dir_path, names = stack[-1]
+            name = next(names, None)
+            if name is not None:
+                buf += _ENTRY
+                buf += _str(name)
+                buf += _NODE
+                node = dir_path + b"/" + name
+                break
+            stack.pop()
+            # Close the directory node, and the entry holding it if it is not the top.
+            buf += _CLOSE2 if stack else _CLOSE
+        if node is None:
+            break
+    if buf:
+        yield bytes(buf)
+
+
+def hash_path(path: str | os.PathLike[str] | bytes, algo: str = "sha256") -> tuple[bytes, int]:
+    """Digest of the NAR serialisation of `path` and the NAR's size (upstream `hashPath`)."""
+    hasher = new_hasher(algo)
+    size = 0
+    for chunk in dump(path):
+        hasher.update(chunk)
+        size += len(chunk)
+    return hasher.digest(), size
+
+
+# --------------------------------------------------------------------------------------------
+# Sinks
+
+
+class NarSink(Protocol):
+    """Receives the file system objects of an archive, in archive order.
+
+    `path` is the relative path inside the archive: `""` for the top node, `"a/b"` for
+    nested nodes, decoded from bytes with `os.fsdecode` (use `os.fsencode` to get the bytes
+    back).  Components are already validated (non-empty, not `.`/`..`, no `/` or NUL) and
+    sorted.  A regular file is `file_start`, any number of `file_data`, `file_end`.
+
+    A sink may also define `file_executable()`: it is called between `file_start` and
+    `file_end` in the rare (lenient) case where `executable` follows `contents` in the
+    archive; sinks without it get `file_start(..., executable=False, ...)` in that case.
+    """
+
+    def directory(self, path: str) -> None: ...
+
+    def symlink(self, path: str, target: bytes) -> None: ...
+
+    def file_start(self, path: str, executable: bool, size: int) -> None: ...
+
+    def file_data(self, chunk: memoryview | bytes) -> None: ...
+
+    def file_end(self) -> None: ...
+
+
+class NullSink:
+    """A sink that discards everything (for validating or hashing a NAR)."""
+
+    def directory(self, path: str) -> None:
+        pass
+
+    def symlink(self, path: str, target: bytes) -> None:
+        pass
+
+    def file_start(self, path: str, executable: bool, size: int) -> None:
+        pass
+
+    def file_data(self, chunk: memoryview | bytes) -> None:
+        pass
+
+    def file_end(self) -> None:
+        pass
+
+
+class _OpenDir:
+    __slots__ = ("fd", "path")
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path = path  # relative path inside the archive
+        self.fd = fd  # -1 while closed
+
+
+class RestoreSink:
+    """Creates the archive's tree at `dest`, which must not exist (upstream `RestoreSink`).
+
+    Directories are created with mode 0777 and files with `O_CREAT|O_EXCL` and mode 0666 (both
+    minus the umask); executable files then get `+x` for user, group and others, as upstream
+    does with `fchmod`.  Everything below `dest` is created relative to file descriptors of
+    directories this sink created and opened with `O_NOFOLLOW`, so a symlink in the archive (or
+    one planted concurrently) is never followed.  Use as a context manager, or call `close()`.
+    """
+
+    def __init__(self, dest: str | os.PathLike[str] | bytes) -> None:
+        self.dest = os.fsencode(dest)
+        # Chain of directories from the top to the current one.  To bound the number of
+        # descriptors in very deep trees, the fds of entries 1 .. _low-1 are closed (-1) and
+        # reopened from the top directory when needed again.
+        self._dirs: list[_OpenDir] = []
+        self._low = 1
+        self._fd = -1
+
+    # context management ----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close every file descriptor still open."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        while self._dirs:
+            fd = self._dirs.pop().fd
+            if fd >= 0:
+                os.close(fd)
+
+    def __enter__(self) -> RestoreSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # helpers ---------------------------------------------------------------------------------
+
+    def _locate(self, path: str) -> tuple[int | None, bytes, str]:
+        """Directory fd (None for the top node), name relative to it, and a display name."""
+        if path == "":
+            return None, self.dest, os.fsdecode(self.dest)
+        parent, _, name = path.rpartition("/")
+        dirs = self._dirs
+        while dirs and dirs[-1].path != parent:
+            fd = dirs.pop().fd
+            if fd >= 0:
+                os.close(fd)
+        if not dirs:
+            raise NarError(f"cannot restore `{path}': its parent is not a restored directory")
+        top = len(dirs) - 1
+        if dirs[top].fd < 0:
+            self._reopen(top)
+        elif self._low > len(dirs):
+            self._low = len(dirs)
+        display = os.fsdecode(self.dest) + "/" + path
+        return dirs[top].fd, os.fsencode(name), display
+
+    def _reopen(self, index: int) -> None:
+        """Reopen directory `index` by walking down from the top one without following links."""
+        top_fd = fd = self._dirs[0].fd
+        try:
+            for component in self._dirs[index].path.split("/"):
+                new = os.open(
+                    os.fsencode(component),
+                    os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    dir_fd=fd,
+                )
+                if fd != top_fd:
+                    os.close(fd)
+                fd = new
+        except BaseException:
+            if fd != top_fd:
+                os.close(fd)
+            raise
+        self._dirs[index].fd = fd
+        self._low = index
+
+    def _push_dir(self, path: str, fd: int) -> None:
+        dirs = self._dirs
+        dirs.append(_OpenDir(path, fd))
+        if len(dirs) - self._low > _MAX_OPEN_DIRS:
+            os.close(dirs[self._low].fd)
+            dirs[self._low].fd = -1
+            self._low += 1
+
+    # NarSink ---------------------------------------------------------------------------------
+
+    def directory(self, path: str) -> None:
+        dir_fd, name, display = self._locate(path)
+        try:
+            os.mkdir(name, 0o777, dir_fd=dir_fd)
+            fd = os.open(
+                name,
+                os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                dir_fd=dir_fd,
+            )
+        except OSError as exc:
+            raise OSError(exc.errno, f"creating directory `{display}'") from exc
+        self._push_dir(path, fd)
+
+    def symlink(self, path: str, target: bytes) -> None:
+        dir_fd, name, display = self._locate(path)
+        try:
+            os.symlink(target, name, dir_fd=dir_fd)
+        except OSError as exc:
+            raise OSError(
+                exc.errno, f"creating symlink from `{display}' to `{os.fsdecode(target)}'"
+            ) from exc
+
+    def file_start(self, path: str, executable: bool, size: int) -> None:
+        dir_fd, name, display = self._locate(path)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            self._fd = os.open(name, flags, 0o666, dir_fd=dir_fd)
+        except OSError as exc:
+            raise OSError(exc.errno, f"creating file `{display}'") from exc
+        if executable:
+            self.file_executable()
+        if size >= _READ_CHUNK:
+            try:
+                os.posix_fallocate(self._fd, 0, size)
+            except OSError as exc:  # only an optimisation
+                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                    raise OSError(
+                        exc.errno, f"preallocating file of {size} bytes for `{display}'"
+                    ) from exc
+
+    def file_executable(self) -> None:
+        st = os.fstat(self._fd)
+        os.fchmod(self._fd, stat.S_IMODE(st.st_mode) | 0o111)
+
+    def file_data(self, chunk: memoryview | bytes) -> None:
+        fd = self._fd
+        view = memoryview(chunk)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+
+    def file_end(self) -> None:
+        os.close(self._fd)
+        self._fd = -1
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing
+
+# Byte-level modes of the parser.
+_M_LEN = 0  # reading the 8-byte length of a string token
+_M_STR = 1  # reading a string token's bytes and padding
+_M_SIZE = 2  # reading the 8-byte size of file contents
+_M_DATA = 3  # passing file contents to the sink
+_M_PAD = 4  # reading the padding after file contents
+
+# Grammar states: what the next string token must be.
+_S_HEADER = 0  # "nix-archive-1"
+_S_OPEN = 1  # "(" opening a node
+_S_TYPE_TAG = 2  # "type"
+_S_TYPE = 3  # "regular" / "directory" / "symlink"
+_S_FIELD = 4  # a field of the current node, or ")"
+_S_EXEC_ARG = 5  # the (ignored) string after "executable"
+_S_TARGET = 6  # symlink target
+_S_ENTRY_OPEN = 7  # "(" after "entry"
+_S_ENTRY_NAME_TAG = 8  # "name"
+_S_ENTRY_NAME = 9  # the entry name
+_S_ENTRY_NODE_TAG = 10  # "node"
+_S_ENTRY_CLOSE = 11  # ")" closing an entry
+
+# Node types.
+_T_UNKNOWN = 0
+_T_REGULAR = 1
+_T_DIRECTORY = 2
+_T_SYMLINK = 3
+
+_TYPES = {b"regular": _T_REGULAR, b"directory": _T_DIRECTORY, b"symlink": _T_SYMLINK}
+
+
+class _Node:
+    __slots__ = ("contents", "executable", "path", "prev_name", "target", "type")
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.type = _T_UNKNOWN
+        self.executable = False
+        self.contents = False  # "contents" seen (regular files)
+        self.target = False  # "target" seen (symlinks)
+        self.prev_name = b""  # last entry name (directories)
+
+
+def _show(token: bytes) -> str:
+    return os.fsdecode(token)
+
+
+class NarParser:
+    """Push parser for NAR streams.
+
+    Call `feed(data)` with successive pieces of input; each call returns the number of bytes of
+    `data` that belong to the archive (all of them until the archive's last `)` is inside
+    `data`).  Once `done` is true, further `feed` calls consume nothing.  Call `finish()` at
+    end of input: it raises NarError("unexpected end-of-file") if the archive is incomplete.
+
+    File contents are passed to the sink as memoryview slices of the fed data (valid only for
+    the duration of the `file_data` call), never buffered; at most one structural token is
+    buffered between calls.  Tokens other than contents are limited to `max_token` bytes and
+    symlink targets to `MAX_SYMLINK_TARGET` bytes.
+
+    Checks follow upstream's `parseDump`: the header, one `type` per node, known fields only,
+    valid entry names (`NAR contains invalid file name `N'`), strictly increasing names per
+    directory (`NAR directory is not sorted`), zero padding.  Like the daemon, `executable` and
+    `contents` may come in either order inside a regular-file node, and the string after
+    `executable` is ignored.  Structures upstream would silently accept but no writer produces
+    (nodes without a type, symlinks without a target, entries without a name or node, several
+    `contents` fields) are rejected.
+    """
+
+    def __init__(self, sink: NarSink, max_token: int = DEFAULT_MAX_TOKEN) -> None:
+        self.sink = sink
+        self.max_token = max_token
+        self._fast_limit = min(max_token, MAX_SYMLINK_TARGET)
+        self.done = False
+        self.bytes_consumed = 0
+        self._error: NarError | None = None
+        self._mode = _M_LEN
+        self._want = 8  # bytes the current fixed-size read needs
+        self._buf = bytearray()  # partial fixed-size read
+        self._str_len = 0  # length of the string token being read
+        self._left = 0  # file content bytes still to pass through
+        self._data_size = 0  # size of the current file's contents
+        self._state = _S_HEADER
+        self._stack: list[_Node] = []
+        self._entry_name = b""
+        self._late_exec = getattr(sink, "file_executable", None)
+
+    # public ----------------------------------------------------------------------------------
+
+    def feed(self, data: bytes | bytearray | memoryview) -> int:
+        """Consume bytes of `data` up to the end of the archive; return how many."""
+        if self._error is not None:
+            raise self._error
+        if self.done:
+            return 0
+        view = memoryview(data)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        end = len(view)
+        pos = 0
+        try:
+            while pos < end and not self.done:
+                if self._mode == _M_DATA:
+                    k = min(self._left, end - pos)
+                    self.sink.file_data(view[pos : pos + k])
+                    pos += k
+                    self._left -= k
+                    if self._left == 0:
+                        self._end_data()
+                    continue
+                buf = self._buf
+                if self._mode == _M_LEN and not buf and end - pos >= 8 and self._state != _S_HEADER:
+                    # Fast path: a whole small token is available; no intermediate state.
+                    # Anything unusual (long, header) takes the general path for its checks.
+                    n = int.from_bytes(view[pos : pos + 8], "little")
+                    if n <= self._fast_limit:
+                        start = pos + 8
+                        stop = start + n + (-n & 7)
+                        if stop <= end:
+                            if (
+                                stop > start + n
+                                and view[start + n : stop] != _ZEROS[: stop - start - n]
+                            ):
+                                raise NarError("non-zero padding")
+                            tok = view[start : start + n].tobytes()
+                            pos = stop
+                            self._token(tok)
+                            continue
+                want = self._want
+                if not buf and end - pos >= want:
+                    chunk: bytes = view[pos : pos + want].tobytes()
+                    pos += want
+                else:
+                    take = min(want - len(buf), end - pos)
+                    buf += view[pos : pos + take]
+                    pos += take
+                    if len(buf) < want:
+                        break
+                    chunk = bytes(buf)
+                    buf.clear()
+                self._got(chunk)
+        except NarError as exc:
+            self._error = exc
+            self.bytes_consumed += pos
+            raise
+        except BaseException:
+            self.bytes_consumed += pos
+            raise
+        self.bytes_consumed += pos
+        return pos
+
+    def finish(self) -> None:
+        """Declare the end of input; raise NarError if the archive is incomplete."""
+        if self._error is not None:
+            raise self._error
+        if not self.done:
+            self._error = NarError("unexpected end-of-file")
+            raise self._error
+
+    # byte level ------------------------------------------------------------------------------
+
+    def _got(self, chunk: bytes) -> None:
+        mode = self._mode
+        if mode == _M_LEN:
+            n = int.from_bytes(chunk, "little")
+            if self._state == _S_HEADER and n != len(NAR_VERSION_MAGIC):
+                raise _bad("input doesn't look like a normalized archive")
+            if n >> 32:
+                raise NarError("implementation cannot deal with > 32-bit integers")
+            limit = MAX_SYMLINK_TARGET if self._state == _S_TARGET else self.max_token
+            if n > limit:
+                raise _bad(f"string of {n} bytes is too long")
+            if n == 0:
+                self._token(b"")
+            else:
+                self._mode = _M_STR
+                self._str_len = n
+                self._want = n + _pad_len(n)
+        elif mode == _M_STR:
+            n = self._str_len
+            if chunk[n:].count(0) != len(chunk) - n:
+                if self._state == _S_HEADER:  # upstream turns any header error into this
+                    raise _bad("input doesn't look like a normalized archive")
+                raise NarError("non-zero padding")
+            self._mode = _M_LEN
+            self._want = 8
+            self._token(chunk[:n])
+        elif mode == _M_SIZE:
+            size = int.from_bytes(chunk, "little")
+            self._data_size = size
+            node = self._stack[-1]
+            self.sink.file_start(node.path, node.executable, size)
+            if size:
+                self._mode = _M_DATA
+                self._left = size
+            else:
+                self._mode = _M_LEN
+                self._want = 8
+        else:  # _M_PAD
+            if chunk.count(0) != len(chunk):
+                raise NarError("non-zero padding")
+            self._mode = _M_LEN
+            self._want = 8
+
+    def _end_data(self) -> None:
+        pad = _pad_len(self._data_size)
+        if pad:
+            self._mode = _M_PAD
+            self._want = pad
+        else:
+            self._mode = _M_LEN
+            self._want = 8
+
+    # grammar level ---------------------------------------------------------------------------
+
+    def _token(self, tok: bytes) -> None:
+        state = self._state
+        if state == _S_FIELD:
+            self._field(tok)
+        elif state == _S_OPEN:
+            if tok != b"(":
+                raise _bad("expected open tag")
+            self._state = _S_TYPE_TAG
+        elif state == _S_TYPE_TAG:
+            # Upstream allows fields in any order but every other field depends on the type,
+            # so the first field has to be "type" for a node to be meaningful.
+            if tok == b"type":
+                self._state = _S_TYPE
+            elif tok == b")":
+                raise _bad("node without a type")
+            else:
+                raise _bad(f"unknown field {_show(tok)}")
+        elif state == _S_TYPE:
+            self._set_type(tok)
+        elif state == _S_ENTRY_OPEN:
+            if tok != b"(":
+                raise _bad("expected open tag")
+            self._state = _S_ENTRY_NAME_TAG
+        elif state == _S_ENTRY_NAME_TAG:
+            if tok == b"name":
+                self._state = _S_ENTRY_NAME
+            elif tok in (b"node", b")"):
+                raise _bad("entry name missing")
+            else:
+                raise _bad(f"unknown field {_show(tok)}")
+        elif state == _S_ENTRY_NAME:
+            self._entry(tok)
+        elif state == _S_ENTRY_NODE_TAG:
+            if tok == b"node":
+                parent = self._stack[-1]
+                name = _show(self._entry_name)
+                path = name if parent.path == "" else parent.path + "/" + name
+                self._stack.append(_Node(path))
+                self._state = _S_OPEN
+            elif tok == b")":
+                raise _bad("entry node missing")
+            else:
+                raise _bad(f"unknown field {_show(tok)}")
+        elif state == _S_ENTRY_CLOSE:
+            if tok != b")":
+                raise _bad(f"unknown field {_show(tok)}")
+            self._state = _S_FIELD
+        elif state == _S_EXEC_ARG:
+            self._state = _S_FIELD
+        elif state == _S_TARGET:
+            node = self._stack[-1]
+            node.target = True
+            self.sink.symlink(node.path, tok)
+            self._state = _S_FIELD
+        else:  # _S_HEADER
+            if tok != NAR_VERSION_MAGIC:
+                raise _bad("input doesn't look like a normalized archive")
+            self._stack.append(_Node(""))
+            self._state = _S_OPEN
+
+    def _set_type(self, tok: bytes) -> None:
+        node = self._stack[-1]
+        t = _TYPES.get(tok)
+        if t is None:
+            raise _bad(f"unknown file type {_show(tok)}")
+        node.type = t
+        if t == _T_DIRECTORY:
+            self.sink.directory(node.path)
+        self._state = _S_FIELD
+
+    def _field(self, tok: bytes) -> None:
+        node = self._stack[-1]
+        t = node.type
+        if tok == b")":
+            self._close_node(node)
+        elif tok == b"type":
+            raise _bad("multiple type fields")
+        elif t == _T_REGULAR and tok == b"contents":
+            if node.contents:
+                raise _bad("multiple contents fields")
+            node.contents = True
+            self._mode = _M_SIZE  # a u64 size, then the contents, then padding
+            self._want = 8
+        elif t == _T_REGULAR and tok == b"executable":
+            if node.contents and not node.executable and self._late_exec is not None:
+                self._late_exec()
+            node.executable = True
+            self._state = _S_EXEC_ARG
+        elif t == _T_DIRECTORY and tok == b"entry":
+            self._state = _S_ENTRY_OPEN
+        elif t == _T_SYMLINK and tok == b"target":
+            if node.target:
+                raise _bad("multiple target fields")
+            self._state = _S_TARGET
+        else:
+            raise _bad(f"unknown field {_show(tok)}")
+
+    def _entry(self, name: bytes) -> None:
+        if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
+            raise NarError(f"NAR contains invalid file name `{_show(name)}'")
+        parent = self._stack[-1]
+        if name <= parent.prev_name:
+            raise NarError("NAR directory is not sorted")
+        parent.prev_name = name
+        self._entry_name = name
+        self._state = _S_ENTRY_NODE_TAG
+
+    def _close_node(self, node: _Node) -> None:
+        t = node.type
+        if t == _T_REGULAR:
+            if not node.contents:
+                self.sink.file_start(node.path, node.executable, 0)
+            self.sink.file_end()
+        elif t == _T_SYMLINK and not node.target:
+            raise _bad("symlink without a target")
+        self._stack.pop()
+        if self._stack:
+            self._state = _S_ENTRY_CLOSE
+        else:
+            self.done = True
+
+
+def restore(chunks: Iterable[bytes | memoryview], dest: str | os.PathLike[str] | bytes) -> int:
+    """Restore the NAR given as `chunks` at `dest`; return the NAR size.
+
+    Raises NarError if the input is malformed, truncated, or has bytes after the archive.
+    """
+    with RestoreSink(dest) as sink:
+        parser = NarParser(sink)
+        for chunk in chunks:
+            used = parser.feed(chunk)
+            if used != len(chunk):
+                raise NarError("bad archive: trailing data after the archive")
+        parser.finish()
+        return parser.bytes_consumed

@@ -1,0 +1,339 @@
+"""Store deduplication through the `<store>/.links` pool (upstream `optimise-store.cc`).
+
+Identical regular files of at least 8192 bytes are replaced by hard links to one inode kept in
+`<store>/.links/<key>`, where the key is the nix-base32 SHA-256 of the file's NAR serialisation
+(so the executable bit is part of it).  The layout must match upstream exactly: the collector of
+either implementation removes `.links` entries whose link count dropped to 1, and the keys of one
+must be found by the other.
+
+The NAR serialisation of a single regular file is hashed here directly (header tokens, the
+contents streamed in large chunks, padding, closing token), without building the archive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import random
+import stat
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from guixsvc.store import base32
+from guixsvc.store.canonical import canonicalise_timestamp_and_permissions, make_writable
+from guixsvc.store.locks import (
+    LVL_CHATTY,
+    LVL_DEBUG,
+    LVL_ERROR,
+    LVL_INFO,
+    LVL_TALKATIVE,
+    MessageLog,
+    SysError,
+    emit,
+)
+
+__all__ = [
+    "DEDUPLICATION_MIN_SIZE",
+    "LINKS_DIR",
+    "OptimiseStats",
+    "format_optimise_summary",
+    "load_inode_hash",
+    "nar_hash_regular_file",
+    "optimise_path",
+    "optimise_store",
+]
+
+#: Files smaller than this are never deduplicated (upstream `deduplicationMinSize`).
+DEDUPLICATION_MIN_SIZE = 8192
+LINKS_DIR = ".links"
+
+_CHUNK = 1 << 20
+
+
+def _nar_str(data: bytes) -> bytes:
+    return struct.pack("<Q", len(data)) + data + b"\0" * (-len(data) % 8)
+
+
+_NAR_REGULAR = b"".join(_nar_str(t) for t in (b"nix-archive-1", b"(", b"type", b"regular"))
+_NAR_EXECUTABLE = _nar_str(b"executable") + _nar_str(b"")
+_NAR_CONTENTS = _nar_str(b"contents")
+_NAR_CLOSE = _nar_str(b")")
+
+
+class _ShortRead(Exception):
+    pass
+
+
+def _nar_hash_fd(fd: int, size: int, executable: bool) -> bytes:
+    h = hashlib.sha256()
+    h.update(_NAR_REGULAR)
+    if executable:
+        h.update(_NAR_EXECUTABLE)
+    h.update(_NAR_CONTENTS)
+    h.update(struct.pack("<Q", size))
+    buf = bytearray(min(_CHUNK, max(size, 1)))
+    view = memoryview(buf)
+    left = size
+    while left:
+        n = os.readv(fd, [view[: min(left, len(buf))]])
+        if n == 0:
+            raise _ShortRead
+        h.update(view[:n])
+        left -= n
+    h.update(b"\0" * (-size % 8))
+    h.update(_NAR_CLOSE)
+    return h.digest()
+
+
+def nar_hash_regular_file(path: str) -> bytes:
+    """SHA-256 of the NAR serialisation of the regular file `path` (symlinks not followed)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise SysError(f"opening file `{path}'", e.errno) from e
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"`{path}' is not a regular file")
+        try:
+            return _nar_hash_fd(fd, st.st_size, bool(st.st_mode & stat.S_IXUSR))
+        except _ShortRead:
+            raise OSError(errno.EIO, f"reading file `{path}': unexpected end-of-file") from None
+        except OSError as e:
+            raise SysError(f"reading file `{path}'", e.errno) from e
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class OptimiseStats:
+    files_linked: int = 0
+    bytes_freed: int = 0
+    blocks_freed: int = 0
+
+
+def format_optimise_summary(stats: OptimiseStats) -> str:
+    """Upstream's closing line of `optimiseStore`: `X.XX MiB freed by hard-linking N files`."""
+    mib = stats.bytes_freed / (1024.0 * 1024.0)
+    return f"{mib:.2f} MiB freed by hard-linking {stats.files_linked} files"
+
+
+def load_inode_hash(store_dir: str) -> set[int]:
+    """Inode numbers of every entry of `<store>/.links` (files already in the pool)."""
+    links = f"{store_dir}/{LINKS_DIR}"
+    try:
+        with os.scandir(links) as it:
+            return {entry.inode() for entry in it}
+    except OSError as e:
+        raise SysError(f"opening directory `{links}'", e.errno) from e
+
+
+def _is_store_path(path: str, store_dir: str) -> bool:
+    n = len(store_dir)
+    return (
+        path.startswith(store_dir)
+        and len(path) >= n + 2
+        and path[n] == "/"
+        and path.find("/", n + 1) < 0
+    )
+
+
+class _Optimiser:
+    def __init__(
+        self, store_dir: str, inode_hash: set[int], stats: OptimiseStats, log: MessageLog | None
+    ) -> None:
+        self.store_dir = store_dir
+        self.links_dir = f"{store_dir}/{LINKS_DIR}"
+        self.inode_hash = inode_hash
+        self.stats = stats
+        self.log = log
+
+    def path(self, top: str) -> None:
+        try:
+            st = os.lstat(top)
+        except OSError as e:
+            raise SysError(f"getting attributes of path `{top}'", e.errno) from e
+        stack: list[tuple[str, os.stat_result]] = [(top, st)]
+        while stack:
+            path, st = stack.pop()
+            if stat.S_ISDIR(st.st_mode):
+                children: list[tuple[str, os.stat_result]] = []
+                try:
+                    with os.scandir(path) as it:
+                        for entry in it:
+                            # Entries whose inode is already in .links need no work at all.
+                            if entry.inode() in self.inode_hash:
+                                emit(self.log, LVL_DEBUG, f"`{entry.name}' is already linked")
+                                continue
+                            try:
+                                cst = entry.stat(follow_symlinks=False)
+                            except OSError as e:
+                                raise SysError(
+                                    f"getting attributes of path `{entry.path}'", e.errno
+                                ) from e
+                            children.append((entry.path, cst))
+                except SysError:
+                    raise
+                except OSError as e:
+                    raise SysError(f"opening directory `{path}'", e.errno) from e
+                stack.extend(reversed(children))
+            else:
+                self.file(path, st)
+
+    def file(self, path: str, st: os.stat_result) -> None:
+        if not stat.S_ISREG(st.st_mode) or st.st_size < DEDUPLICATION_MIN_SIZE:
+            return
+        if st.st_mode & stat.S_IWUSR:
+            emit(self.log, LVL_ERROR, f"skipping suspicious writable file `{path}'")
+            return
+        if st.st_nlink > 1 and st.st_ino in self.inode_hash:
+            emit(
+                self.log,
+                LVL_DEBUG,
+                f"`{path}' is already linked, with {st.st_nlink - 2} other file(s).",
+            )
+            return
+
+        digest = nar_hash_regular_file(path)
+        link_path = f"{self.links_dir}/{base32.encode(digest)}"
+
+        while True:
+            if not os.path.lexists(link_path):
+                try:
+                    os.link(path, link_path, follow_symlinks=False)
+                except OSError as e:
+                    if e.errno == errno.ENOSPC:
+                        # ext4's directory index is probably full: skip deduplicating this file.
+                        emit(
+                            self.log,
+                            LVL_INFO,
+                            f"cannot link `{link_path}' to `{path}': {os.strerror(e.errno)}",
+                        )
+                        return
+                    if e.errno != errno.EEXIST:
+                        raise SysError(f"cannot link `{link_path}' to `{path}'", e.errno) from e
+                    # Somebody else created it first: use theirs.
+                else:
+                    self.inode_hash.add(st.st_ino)
+                    return
+            try:
+                st_link = os.lstat(link_path)
+            except OSError as e:
+                raise SysError(f"getting attributes of path `{link_path}'", e.errno) from e
+            if st.st_ino == st_link.st_ino:
+                emit(self.log, LVL_DEBUG, f"`{path}' is already linked to `{link_path}'")
+                return
+            if st.st_size != st_link.st_size:
+                emit(self.log, LVL_ERROR, f"removing corrupted link ‘{link_path}’")
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(link_path)
+                continue
+            break
+
+        emit(self.log, LVL_TALKATIVE, f"linking ‘{path}’ to ‘{link_path}’")
+        if self._replace(path, link_path, st):
+            self.stats.files_linked += 1
+            self.stats.bytes_freed += st.st_size
+            self.stats.blocks_freed += st.st_blocks
+
+    def _replace(self, path: str, link_path: str, st: os.stat_result) -> bool:
+        # The containing directory is read-only (0555) unless it is the store itself.
+        parent = os.path.dirname(path)
+        must_toggle = not _is_store_path(path, self.store_dir)
+        if must_toggle:
+            make_writable(parent)
+        try:
+            temp = f"{self.store_dir}/.tmp-link-{os.getpid()}-{random.randrange(1 << 31)}"
+            try:
+                os.link(link_path, temp, follow_symlinks=False)
+            except OSError as e:
+                if e.errno == errno.EMLINK:
+                    # Too many links to one inode (likely with small common files): ignore.
+                    if st.st_size:
+                        emit(self.log, LVL_INFO, f"`{link_path}' has maximum number of links")
+                    return False
+                raise SysError(f"cannot link `{temp}' to `{link_path}'", e.errno) from e
+            try:
+                os.rename(temp, path)
+            except OSError as e:
+                try:
+                    os.unlink(temp)
+                except OSError:
+                    emit(self.log, LVL_ERROR, f"unable to unlink `{temp}'")
+                if e.errno == errno.EMLINK:
+                    if st.st_size:
+                        emit(self.log, LVL_INFO, f"`{link_path}' has maximum number of links")
+                    return False
+                raise SysError(f"cannot rename `{temp}' to `{path}'", e.errno) from e
+            return True
+        finally:
+            if must_toggle:
+                with contextlib.suppress(OSError):
+                    canonicalise_timestamp_and_permissions(parent)
+
+
+def _ensure_links_dir(store_dir: str) -> None:
+    links = f"{store_dir}/{LINKS_DIR}"
+    try:
+        os.mkdir(links)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise SysError(f"creating directory `{links}'", e.errno) from e
+
+
+def optimise_path(
+    store_dir: str,
+    path: str,
+    *,
+    inode_hash: set[int] | None = None,
+    stats: OptimiseStats | None = None,
+    log: MessageLog | None = None,
+) -> tuple[int, int]:
+    """Deduplicate the files of one store item (after adding it).
+
+    Returns `(files_linked, bytes_freed)`.  Upstream starts each such call with an empty inode
+    set, which is the default here; `stats`, if given, is updated too.
+    """
+    _ensure_links_dir(store_dir)
+    own = OptimiseStats()
+    _Optimiser(store_dir, inode_hash if inode_hash is not None else set(), own, log).path(path)
+    if stats is not None:
+        stats.files_linked += own.files_linked
+        stats.bytes_freed += own.bytes_freed
+        stats.blocks_freed += own.blocks_freed
+    return own.files_linked, own.bytes_freed
+
+
+def optimise_store(
+    store_dir: str,
+    paths: Iterable[str],
+    *,
+    before_path: Callable[[str], bool] | None = None,
+    stats: OptimiseStats | None = None,
+    log: MessageLog | None = None,
+) -> tuple[int, int]:
+    """Deduplicate every item of `paths` (OptimiseStore, RPC 34); returns `(bytes_freed,
+    files_linked)`.
+
+    Upstream adds each path as a temp root and skips it if it is no longer valid; do that in
+    `before_path(path) -> bool` (return False to skip).  The `.links` inodes are loaded once.
+    """
+    _ensure_links_dir(store_dir)
+    own = OptimiseStats()
+    optimiser = _Optimiser(store_dir, load_inode_hash(store_dir), own, log)
+    try:
+        for path in paths:
+            if before_path is not None and not before_path(path):
+                continue  # probably collected meanwhile
+            emit(log, LVL_CHATTY, f"hashing files in `{path}'")
+            optimiser.path(path)
+    finally:
+        if stats is not None:
+            stats.files_linked += own.files_linked
+            stats.bytes_freed += own.bytes_freed
+            stats.blocks_freed += own.blocks_freed
+    return own.bytes_freed, own.files_linked
