@@ -47,10 +47,10 @@ class InvalidName(ValueError):
 def check_name(name: str) -> None:
     """Raise InvalidName unless `name` is acceptable as a store item name (`checkStoreName`).
 
-    Like upstream, the empty name is accepted; names must not start with `.` and may only use
-    `A-Z a-z 0-9 + - . _ ? =`.
+    Names must not start with `.` and may only use `A-Z a-z 0-9 + - . _ ? =`.  Upstream also
+    accepts the empty name, which makes `<hash>-`, a path no client can parse back; we refuse it.
     """
-    if name.startswith("."):
+    if not name or name.startswith("."):
         raise InvalidName(f"invalid name: `{name}'")
     if _NAME_OK.fullmatch(name) is None:
         bad = _NAME_BAD_CHAR.search(name)
