@@ -56,6 +56,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"  export GUIX_DAEMON_SOCKET={socket_path} {exports}\n"
         "press Ctrl-C to stop\n"
     )
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         return daemon.wait()
     except KeyboardInterrupt:

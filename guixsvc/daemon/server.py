@@ -18,6 +18,8 @@ import struct
 import sys
 
 from guixsvc.daemon import listen
+from guixsvc.daemon.localstore import initialise_store
+from guixsvc.daemon.session import Session
 from guixsvc.daemon.settings import Settings
 from guixsvc.store.config import StoreConfig
 
@@ -73,8 +75,6 @@ def run_daemon(settings: Settings, listen_specs: list[str]) -> int:
         return 1
     # Open the store once in the main process so that a broken store is reported at start-up
     # rather than to the first client; the database handle is closed before any fork.
-    from guixsvc.daemon.localstore import initialise_store
-
     try:
         initialise_store(config, settings)
     except Exception as exc:
@@ -141,8 +141,6 @@ def _spawn_worker(
         signal.signal(signal.SIGTERM, _stop)
         os.setsid()
         conn.setblocking(True)
-        from guixsvc.daemon.session import Session
-
         Session(conn, config, settings.copy(), creds, remote=remote).run()
     except _Stop:
         status = 0

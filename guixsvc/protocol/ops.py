@@ -143,7 +143,7 @@ def read_store_paths(reader: WireReader, store: StoreDir) -> list[StorePath]:
     return [read_store_path(reader, store) for _ in range(count)]
 
 
-def _read_options(reader: WireReader, client_minor: int) -> ClientOptions:
+def _read_options(reader: WireReader, store: StoreDir, client_minor: int) -> tuple[Any, ...]:
     keep_failed = reader.read_int() != 0
     keep_going = reader.read_int() != 0
     fallback = reader.read_int() != 0
@@ -163,13 +163,15 @@ def _read_options(reader: WireReader, client_minor: int) -> ClientOptions:
         cores = reader.read_int()
     use_subst = reader.read_int() != 0 if client_minor >= 10 else True
     overrides = reader.read_pairs() if client_minor >= 12 else []
-    return ClientOptions(
-        keep_failed, keep_going, fallback, verbosity, max_jobs, max_silent, use_hook,
-        build_verbosity, log_type, trace, cores, use_subst, overrides,
+    return (
+        ClientOptions(
+            keep_failed, keep_going, fallback, verbosity, max_jobs, max_silent, use_hook,
+            build_verbosity, log_type, trace, cores, use_subst, overrides,
+        ),
     )  # fmt: skip
 
 
-def _read_gc(reader: WireReader, store: StoreDir, client_minor: int) -> GCRequest:
+def _read_gc(reader: WireReader, store: StoreDir, client_minor: int) -> tuple[Any, ...]:
     action = reader.read_int()
     paths = read_store_paths(reader, store)
     ignore = reader.read_int() != 0
@@ -182,12 +184,10 @@ def _read_gc(reader: WireReader, store: StoreDir, client_minor: int) -> GCReques
         gc_action = GCAction(action)
     except ValueError:
         raise ProtocolError(f"invalid garbage collector action {action}") from None
-    return GCRequest(gc_action, paths, ignore, max_freed)
+    return (GCRequest(gc_action, paths, ignore, max_freed),)
 
 
-def _read_build_paths(
-    reader: WireReader, store: StoreDir, client_minor: int
-) -> tuple[list[str], BuildMode]:
+def _read_build_paths(reader: WireReader, store: StoreDir, client_minor: int) -> tuple[Any, ...]:
     count = reader.read_int()
     items = []
     for _ in range(count):
@@ -266,7 +266,7 @@ REQUEST_READERS: dict[Op, RequestReader] = {
     Op.QUERY_REFERRERS: _path,
     Op.ADD_TO_STORE: _add_to_store,
     Op.ADD_TEXT_TO_STORE: _add_text,
-    Op.BUILD_PATHS: lambda r, s, m: _read_build_paths(r, s, m),
+    Op.BUILD_PATHS: _read_build_paths,
     Op.ENSURE_PATH: _path,
     Op.ADD_TEMP_ROOT: _path,
     Op.ADD_INDIRECT_ROOT: _string,
@@ -274,8 +274,8 @@ REQUEST_READERS: dict[Op, RequestReader] = {
     Op.FIND_ROOTS: _none,
     Op.EXPORT_PATH: _export,
     Op.QUERY_DERIVER: _path,
-    Op.SET_OPTIONS: lambda r, s, m: (_read_options(r, m),),
-    Op.COLLECT_GARBAGE: lambda r, s, m: (_read_gc(r, s, m),),
+    Op.SET_OPTIONS: _read_options,
+    Op.COLLECT_GARBAGE: _read_gc,
     Op.QUERY_SUBSTITUTABLE_PATH_INFO: _string,
     Op.QUERY_DERIVATION_OUTPUTS: _path,
     Op.QUERY_ALL_VALID_PATHS: _none,
