@@ -132,9 +132,24 @@ class Session(SessionIO):
 
     # -- the loop ------------------------------------------------------------------------------
 
+    def _journal_fields(self) -> dict[str, object]:
+        return {"GUIX_CLIENT_PID": self.peer_pid, "GUIX_CLIENT_UID": self.peer_uid}
+
     def run(self) -> None:
         self._pending_write: list[bytes] = []
         self._pending_size = 0
+        if self.peer_pid >= 0:
+            try:
+                user = pwd.getpwuid(self.peer_uid).pw_name
+            except KeyError:
+                user = str(self.peer_uid)
+            log.info(
+                "accepted connection from pid %d, user %s%s",
+                self.peer_pid,
+                user,
+                " (trusted)" if self.trusted else "",
+                extra=self._journal_fields(),
+            )
         try:
             self._serve()
         except (_ClientGone, EOFError):
@@ -216,7 +231,10 @@ class Session(SessionIO):
             self._flush()
             return False
         except (OSError, sqlite3.Error, ValueError) as exc:
-            log.debug("error in %s: %s", op.name, exc, exc_info=True)
+            log.debug(
+                "error in %s: %s", op.name, exc, exc_info=True,
+                extra={**self._journal_fields(), "GUIX_OPERATION": op.name},
+            )  # fmt: skip
             self._drain_writes()
             self.conn.error(_describe(exc))
         else:
