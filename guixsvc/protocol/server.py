@@ -311,30 +311,6 @@ def _build_paths(store: Store, sd: StoreDir, io: SessionIO, a: tuple[Any, ...]) 
     return encode_int(1)
 
 
-@handler(Op.ENSURE_PATH)
-def _ensure_path(store: Store, sd: StoreDir, io: SessionIO, a: tuple[Any, ...]) -> bytes:
-    store.ensure_path(a[0])
-    return encode_int(1)
-
-
-@handler(Op.ADD_TEMP_ROOT)
-def _add_temp_root(store: Store, sd: StoreDir, io: SessionIO, a: tuple[Any, ...]) -> bytes:
-    store.add_temp_root(a[0])
-    return encode_int(1)
-
-
-@handler(Op.ADD_INDIRECT_ROOT)
-def _add_indirect_root(store: Store, sd: StoreDir, io: SessionIO, a: tuple[Any, ...]) -> bytes:
-    store.add_indirect_root(a[0])
-    return encode_int(1)
-
-
-@handler(Op.SYNC_WITH_GC)
-def _sync_with_gc(store: Store, sd: StoreDir, io: SessionIO, a: tuple[Any, ...]) -> bytes:
-    store.sync_with_gc()
-    return encode_int(1)
-
-
 @handler(Op.FIND_ROOTS)
 def _find_roots(store: Store, sd: StoreDir, io: SessionIO, a: tuple[Any, ...]) -> bytes:
     roots = sorted(store.find_roots().items())
@@ -407,18 +383,6 @@ def _query_failed(store: Store, sd: StoreDir, io: SessionIO, a: tuple[Any, ...])
     return encode_strings(sorted(store.query_failed_paths()))
 
 
-@handler(Op.CLEAR_FAILED_PATHS)
-def _clear_failed(store: Store, sd: StoreDir, io: SessionIO, a: tuple[Any, ...]) -> bytes:
-    store.clear_failed_paths(a[0])
-    return encode_int(1)
-
-
-@handler(Op.OPTIMISE_STORE)
-def _optimise(store: Store, sd: StoreDir, io: SessionIO, a: tuple[Any, ...]) -> bytes:
-    store.optimise_store()
-    return encode_int(1)
-
-
 @handler(Op.VERIFY_STORE)
 def _verify(store: Store, sd: StoreDir, io: SessionIO, a: tuple[Any, ...]) -> bytes:
     return encode_bool(store.verify_store(a[0], a[1]))
@@ -433,5 +397,24 @@ def _builtin_builders(store: Store, sd: StoreDir, io: SessionIO, a: tuple[Any, .
 def _substitute_urls(store: Store, sd: StoreDir, io: SessionIO, a: tuple[Any, ...]) -> bytes:
     return encode_strings(store.substitute_urls())
 
+
+def _acknowledged(action: Callable[[Store, tuple[Any, ...]], None]) -> Handler:
+    """A handler for the opcodes whose only reply is the integer 1."""
+
+    def run(store: Store, sd: StoreDir, io: SessionIO, a: tuple[Any, ...]) -> bytes:
+        action(store, a)
+        return encode_int(1)
+
+    return run
+
+
+HANDLERS.update({
+    Op.ENSURE_PATH: _acknowledged(lambda store, a: store.ensure_path(a[0])),
+    Op.ADD_TEMP_ROOT: _acknowledged(lambda store, a: store.add_temp_root(a[0])),
+    Op.ADD_INDIRECT_ROOT: _acknowledged(lambda store, a: store.add_indirect_root(a[0])),
+    Op.SYNC_WITH_GC: _acknowledged(lambda store, a: store.sync_with_gc()),
+    Op.CLEAR_FAILED_PATHS: _acknowledged(lambda store, a: store.clear_failed_paths(a[0])),
+    Op.OPTIMISE_STORE: _acknowledged(lambda store, a: store.optimise_store()),
+})  # fmt: skip
 
 assert set(HANDLERS) == set(Op), set(Op) - set(HANDLERS)

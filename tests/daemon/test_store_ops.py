@@ -273,13 +273,13 @@ def test_failed_paths_and_misc(daemon: Daemon) -> None:
         c.optimise_store()
 
 
-def test_building_is_reported_not_implemented(daemon: Daemon) -> None:
-    missing = daemon.store_dir + "/" + "1" * 32 + "-x.drv"
+def test_build_and_ensure_of_valid_paths_are_no_ops(daemon: Daemon) -> None:
+    missing = daemon.store_dir + "/" + "1" * 32 + "-x"
     with daemon.client() as c:
-        with pytest.raises(DaemonError, match="not implemented yet"):
-            c.build_paths([missing])
-        with pytest.raises(DaemonError, match="not implemented yet"):
+        c.set_options(use_substitutes=False)
+        with pytest.raises(DaemonError, match="does not exist and cannot be created"):
             c.ensure_path(missing)
         p = c.add_text_to_store("present", b"here")
         c.build_paths([p])  # nothing to do for a valid path
         c.ensure_path(p)
+        assert c.is_valid_path(p)
