@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 LOCAL ?= $(CURDIR)/local
 APT_PACKAGES := nix-bin busybox-static libgcrypt20 guile-3.0 guile-gcrypt systemd \
-                libsystemd-dev pkg-config
+                libsystemd-dev pkg-config lzip zstd gzip util-linux
 
 .PHONY: run test setup setup-system lint bench clean
 

@@ -7,31 +7,28 @@ place per command.
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 
 from guixsvc import __version__
 
-USAGE = """\
-Usage: guixsvc COMMAND ARGS...
-Run the GNU Guix store services.
-
-COMMAND must be one of:
-  daemon      run the build daemon (same options as guix-daemon)
-
-Run 'guixsvc COMMAND --help' for the options of COMMAND.
-"""
-
-
-def _daemon(argv: Sequence[str]) -> int:
-    from guixsvc.daemon.cli import main
-
-    return main(argv)
-
-
-COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
-    "daemon": _daemon,
+#: Subcommand → (module whose `main(argv)` runs it, summary).  Modules load on demand so that
+#: `guixsvc daemon` never imports the HTTP stack and the reverse.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "daemon": ("guixsvc.daemon.cli", "run the build daemon (same options as guix-daemon)"),
+    "publish": ("guixsvc.publish.cli", "publish the store over HTTP (as guix publish)"),
+    "archive": ("guixsvc.archive", "keys, export and import of store items (as guix archive)"),
+    "gc": ("guixsvc.gc.cli", "collect garbage and query the store (as guix gc)"),
+    "units": ("guixsvc.units", "render the systemd units"),
 }
+
+USAGE = (
+    "Usage: guixsvc COMMAND ARGS...\nRun the GNU Guix store services.\n\n"
+    "COMMAND must be one of:\n"
+    + "".join(f"  {name:<11} {summary}\n" for name, (_, summary) in COMMANDS.items())
+    + "\nRun 'guixsvc COMMAND --help' for the options of COMMAND.\n"
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -42,11 +39,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[0] in ("-V", "--version"):
         sys.stdout.write(f"guixsvc {__version__}\n")
         return 0
-    command = COMMANDS.get(args[0])
-    if command is None:
+    entry = COMMANDS.get(args[0])
+    if entry is None:
         sys.stderr.write(f"guixsvc: {args[0]}: command not found\n{USAGE}")
         return 1
-    return command(args[1:])
+    run: Callable[[Sequence[str]], int] = importlib.import_module(entry[0]).main
+    return run(args[1:])
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ from guixsvc.protocol.ops import (
 from guixsvc.protocol.store_api import (
     GCResult,
     NarFeeder,
-    NotImplementedYet,
     PathInfo,
     ReadSource,
     StoreError,
@@ -603,7 +602,9 @@ class LocalStore:
         missing = [i for i in items if not self._outputs_valid(i)]
         if mode == BuildMode.NORMAL and not missing:
             return
-        raise NotImplementedYet("building derivations")
+        from guixsvc.daemon.build import scheduler  # loaded only when something is built
+
+        scheduler.build_paths(self, items, mode)
 
     def ensure_path(self, path: StorePath) -> None:
         if self.db.is_valid(self._path(path)):
@@ -618,22 +619,40 @@ class LocalStore:
         """Try to make `path` valid from a substitute; True when it is valid afterwards."""
         if not self.settings.substitute_urls():
             return False
-        raise NotImplementedYet(f"substituting `{self._path(path)}'")
+        from guixsvc.daemon import substituter
+
+        return substituter.for_store(self).substitute(path)
 
     def has_substitutes(self, path: StorePath) -> bool:
         if not self.settings.substitute_urls():
             return False
-        raise NotImplementedYet("substitutes")
+        from guixsvc.daemon import substituter
+
+        return bool(substituter.for_store(self).have([path]))
 
     def query_substitutable_paths(self, paths: list[StorePath]) -> list[StorePath]:
         if not paths or not self.settings.substitute_urls():
             return []
-        raise NotImplementedYet("substitutes")
+        from guixsvc.daemon import substituter
+
+        return substituter.for_store(self).have(paths)
 
     def query_substitutable_path_infos(self, paths: list[StorePath]) -> list[SubstitutablePathInfo]:
         if not paths or not self.settings.substitute_urls():
             return []
-        raise NotImplementedYet("substitutes")
+        from guixsvc.daemon import substituter
+
+        sub = substituter.for_store(self)
+        return [
+            SubstitutablePathInfo(
+                path=p,
+                deriver=hit.deriver,
+                references=hit.references,
+                download_size=sub.download_size(hit),
+                nar_size=hit.narinfo.nar_size or 0,
+            )
+            for p, hit in sub.infos(paths)
+        ]
 
     def substitute_urls(self) -> list[str]:
         return self.settings.substitute_urls()
@@ -660,7 +679,9 @@ class LocalStore:
 
     def collect_garbage(self, request: GCRequest) -> GCResult:
         # Owned by guixsvc.daemon.gc.
-        raise NotImplementedYet("garbage collection")
+        from guixsvc.daemon.gc import collect_garbage
+
+        return collect_garbage(self, request)
 
     # -- maintenance -------------------------------------------------------------------------------
 
