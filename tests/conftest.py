@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -76,13 +77,23 @@ def start_daemon(root: Path, *extra: str) -> Daemon:
         stdout=log,
         stderr=subprocess.STDOUT,
     )
+    wait_for_socket(sock, proc, root / "daemon.log")
+    return Daemon(root, sock, env, proc)
+
+
+def wait_for_socket(sock: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    """Wait until the daemon accepts connections (the file exists from bind(), before listen())."""
     deadline = time.monotonic() + 20
-    while not os.path.exists(sock):
+    while True:
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise RuntimeError("daemon did not start:\n" + (root / "daemon.log").read_text())
-        time.sleep(0.02)
-    return Daemon(root, sock, env, proc)
+            raise RuntimeError("daemon did not start:\n" + log.read_text())
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                probe.connect(sock)
+            return
+        except (FileNotFoundError, ConnectionRefusedError):
+            time.sleep(0.02)
 
 
 def stop_daemon(daemon: Daemon) -> None:

@@ -197,8 +197,14 @@ class LocalStore:
         *,
         trusted: bool,
         remote: bool,
+        build_output: Callable[[bytes], None] | None = None,
+        client_uid: int | None = None,
     ) -> None:
         self.config = config
+        #: Sends builder output to the client verbatim (chunks, not lines).
+        self.build_output = build_output or (lambda chunk: None)
+        #: The connecting user's uid, None for TCP clients.
+        self.client_uid = client_uid
         self.sd = config.store
         self.settings = settings
         self.message = message
@@ -394,8 +400,9 @@ class LocalStore:
             sp = self.sd.make_text_path(name, hashlib.sha256(contents).digest(), references)
         except InvalidName as exc:
             raise StoreError(str(exc)) from None
+        # Root first, then look: a collection between the two cannot delete what we return.
+        self.add_temp_root(sp)
         if self.db.is_valid(self._path(sp)):
-            self.add_temp_root(sp)
             return sp
         staged = self._staging_path()
         fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)

@@ -85,6 +85,11 @@ class Session(SessionIO):
             self.conn.next(text if text.endswith("\n") else text + "\n")
             self._flush()
 
+    def log_build_output(self, chunk: bytes) -> None:
+        """Builder output goes to the client as it came, a chunk per STDERR_NEXT."""
+        self.conn.next(chunk)
+        self._flush()
+
     # -- SessionIO -------------------------------------------------------------------------------
 
     def feed_nar(self, consume: Callable[[memoryview], int], done: Callable[[], bool]) -> None:
@@ -196,6 +201,8 @@ class Session(SessionIO):
                 self.log_to_client,
                 trusted=self.trusted,
                 remote=self.remote,
+                build_output=self.log_build_output,
+                client_uid=self.peer_uid if self.peer_uid >= 0 else None,
             )
             self.store.reserve_space(handshake.reserve_space)
             if self.peer_uid >= 0:

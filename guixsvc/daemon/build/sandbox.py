@@ -1,0 +1,470 @@
+"""Where a builder runs: build users, the chroot, namespaces and the child process set-up.
+
+Upstream's `UserLock`, `startBuilder` (chroot preparation) and `runChild` (spec/build-env.md
+§3, §6, §7).  Python 3.11 has no `os.unshare`, so the namespace, mount and personality calls go
+through libc with ctypes.  Because `unshare(CLONE_NEWPID)` only affects children, the forked
+child unshares and forks once more: that grandchild is PID 1 of the new PID namespace and
+becomes the builder, so killing it (or its exiting) kills every process of the build.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import grp
+import os
+import platform
+import pwd
+import shutil
+import signal
+import socket
+import stat
+import struct
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from guixsvc.store.locks import lock_fd
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MNT_DETACH = 2
+
+PER_LINUX32 = 0x0008
+UNAME26 = 0x0020000
+ADDR_NO_RANDOMIZE = 0x0040000
+
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "i686": 217, "armv7l": 218}
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                        ctypes.c_char_p]  # fmt: skip
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.unshare.argtypes = [ctypes.c_int]
+_libc.setdomainname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+_libc.personality.argtypes = [ctypes.c_ulong]
+
+
+class SandboxError(Exception):
+    """Raised with upstream's message when the sandbox cannot be set up."""
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def unshare(flags: int) -> None:
+    _check(_libc.unshare(flags), "cannot set up private namespaces")
+
+
+def mount(
+    source: str, target: str, fstype: str | None, flags: int, data: str | None = None
+) -> None:
+    _check(
+        _libc.mount(
+            source.encode(),
+            target.encode(),
+            fstype.encode() if fstype else None,
+            flags,
+            data.encode() if data else None,
+        ),
+        f"mounting `{source}' on `{target}'",
+    )
+
+
+def umount(target: str, flags: int = 0) -> None:
+    _check(_libc.umount2(target.encode(), flags), f"unmounting `{target}'")
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    nr = _SYS_PIVOT_ROOT.get(platform.machine())
+    if nr is None:
+        raise OSError(errno.ENOSYS, "pivot_root: unknown architecture")
+    _check(_libc.syscall(nr, new_root.encode(), put_old.encode()), "cannot pivot old root")
+
+
+def set_personality(flags: int) -> None:
+    if _libc.personality(0xFFFFFFFF) == -1 or _libc.personality(flags) == -1:
+        raise OSError(ctypes.get_errno(), "cannot set personality")
+
+
+def loopback_up() -> None:
+    """Bring up `lo` in a fresh network namespace (SIOCSIFFLAGS: UP|LOOPBACK|RUNNING)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        ifreq = struct.pack("16sH14x", b"lo", 0x1 | 0x8 | 0x40)
+        fcntl.ioctl(s.fileno(), 0x8914, ifreq)
+
+
+# ------------------------------------------------------------------------------------------------
+# Build users
+
+
+class BuildUsersError(Exception):
+    pass
+
+
+_locked_uids: set[int] = set()
+
+
+@dataclass
+class BuildUser:
+    """A locked build user (upstream `UserLock`); `release()` closes the userpool lock."""
+
+    user: str
+    uid: int
+    gid: int
+    groups: list[int]
+    fd: int
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+            _locked_uids.discard(self.uid)
+
+
+def acquire_build_user(group: str, state_dir: str) -> BuildUser | None:
+    """Lock the first free member of `group`; None when all are busy."""
+    try:
+        gr = grp.getgrnam(group)
+    except KeyError:
+        raise BuildUsersError(
+            f"the group `{group}' specified in `build-users-group' does not exist"
+        ) from None
+    if not gr.gr_mem:
+        raise BuildUsersError(f"the build users group `{group}' has no members")
+    pool = os.path.join(state_dir, "userpool")
+    os.makedirs(pool, exist_ok=True)
+    for name in gr.gr_mem:
+        try:
+            pw = pwd.getpwnam(name)
+        except KeyError:
+            raise BuildUsersError(
+                f"the user `{name}' in the group `{group}' does not exist"
+            ) from None
+        if pw.pw_uid in _locked_uids:
+            continue
+        fd = os.open(os.path.join(pool, str(pw.pw_uid)), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                     0o600)  # fmt: skip
+        if not lock_fd(fd, "w", False):
+            os.close(fd)
+            continue
+        if pw.pw_uid in (os.getuid(), os.geteuid()):
+            os.close(fd)
+            raise BuildUsersError(f"the build user should not be a member of `{group}'")
+        groups = os.getgrouplist(name, pw.pw_gid)
+        if len(groups) > 10:
+            os.close(fd)
+            raise BuildUsersError(f"failed to get list of supplementary groups for ‘{name}’")
+        _locked_uids.add(pw.pw_uid)
+        return BuildUser(name, pw.pw_uid, gr.gr_gid, groups, fd)
+    return None
+
+
+def kill_user(uid: int) -> None:
+    """Kill every process of `uid` (upstream `killUser`: a child that setuids and kill(-1))."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setuid(uid)
+            while True:
+                try:
+                    os.kill(-1, signal.SIGKILL)
+                except InterruptedError:
+                    continue
+                except ProcessLookupError:
+                    pass
+                break
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SandboxError(f"cannot kill processes for uid `{uid}'")
+
+
+# ------------------------------------------------------------------------------------------------
+# The chroot
+
+
+@dataclass
+class ChildSpec:
+    """Everything the child needs to become the builder."""
+
+    builder: str
+    args: list[str]
+    env: dict[str, str]
+    work_dir: str  # the build directory as the builder sees it
+    uid: int | None = None
+    gid: int | None = None
+    groups: list[int] = field(default_factory=list)
+    chroot: str | None = None  # the chroot's root directory
+    binds: dict[str, str] = field(default_factory=dict)  # target inside chroot -> source
+    private_network: bool = True
+    personality: int | None = None
+    builtin: Callable[[], None] | None = None  # run in the child instead of exec
+
+
+DEV_NODES = ("/dev/full", "/dev/kvm", "/dev/null", "/dev/random", "/dev/tty", "/dev/urandom",
+             "/dev/zero")  # fmt: skip
+
+
+def prepare_chroot(
+    root: str,
+    *,
+    store_dir: str,
+    uid: int,
+    gid: int,
+    build_gid: int | None,
+    fixed_output: bool,
+    inputs: list[str],
+    binds: dict[str, str],
+) -> dict[str, str]:
+    """Create the chroot tree (parent side) and return the full bind list (target → source).
+
+    Inputs that are directories are bind-mounted, other files hard-linked (copied when that
+    fails); mount points are created here so the child only has to mount.
+    """
+    if os.path.lexists(root):
+        remove_tree(root)
+    os.mkdir(root, 0o750)
+    os.chmod(root, 0o750)
+    os.chown(root, 0, build_gid if build_gid is not None else 0)
+    os.mkdir(os.path.join(root, "tmp"), 0o1777)
+    os.chmod(os.path.join(root, "tmp"), 0o1777)
+    etc = os.path.join(root, "etc")
+    os.mkdir(etc, 0o755)
+    _write(os.path.join(etc, "passwd"),
+           f"nixbld:x:{uid}:{gid}:Nix build user:/:/noshell\n"
+           "nobody:x:65534:65534:Nobody:/:/noshell\n")  # fmt: skip
+    _write(os.path.join(etc, "group"), f"nixbld:!:{gid}:\n")
+    all_binds = dict(binds)
+    if not fixed_output:
+        _write(os.path.join(etc, "hosts"), "127.0.0.1 localhost\n")
+    else:
+        for name in ("/etc/resolv.conf", "/etc/nsswitch.conf", "/etc/services", "/etc/hosts"):
+            if os.path.exists(name):
+                all_binds[name] = name
+    fake_store = root + store_dir
+    os.makedirs(fake_store, 0o755)
+    os.chmod(fake_store, 0o1775)
+    os.chown(fake_store, 0, build_gid if build_gid is not None else 0)
+    for path in inputs:
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode):
+            all_binds[path] = path
+        else:
+            target = root + path
+            try:
+                os.link(path, target, follow_symlinks=False)
+            except OSError:
+                if stat.S_ISLNK(st.st_mode):
+                    os.symlink(os.readlink(path), target)
+                else:
+                    shutil.copy2(path, target)
+    if "/dev" not in all_binds:
+        os.makedirs(os.path.join(root, "dev", "shm"))
+        os.makedirs(os.path.join(root, "dev", "pts"))
+        for node in DEV_NODES:
+            if os.path.exists(node):
+                all_binds[node] = node
+        links = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0",
+                 "stdout": "/proc/self/fd/1", "stderr": "/proc/self/fd/2"}  # fmt: skip
+        for name, target in links.items():
+            os.symlink(target, os.path.join(root, "dev", name))
+    os.makedirs(os.path.join(root, "proc"), exist_ok=True)
+    for target, source in all_binds.items():
+        if source == "/proc":
+            continue
+        mount_point = root + target
+        try:
+            st = os.stat(source)
+        except OSError as e:
+            raise SandboxError(f"getting attributes of path `{source}': {e.strerror}") from None
+        if stat.S_ISDIR(st.st_mode):
+            os.makedirs(mount_point, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(mount_point), exist_ok=True)
+            if not os.path.lexists(mount_point):
+                _write(mount_point, "")
+    return all_binds
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def remove_tree(path: str) -> None:
+    """Delete a tree whatever its permissions (never following symlinks)."""
+    if not os.path.lexists(path):
+        return
+    if not os.path.isdir(path) or os.path.islink(path):
+        os.unlink(path)
+        return
+    for dirpath, dirnames, _ in os.walk(path):
+        with contextlib.suppress(OSError):
+            os.chmod(dirpath, 0o700)
+        for d in dirnames:
+            full = os.path.join(dirpath, d)
+            if not os.path.islink(full):
+                with contextlib.suppress(OSError):
+                    os.chmod(full, 0o700)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# The child
+
+
+def _setup_mounts(spec: ChildSpec) -> None:
+    root = spec.chroot
+    assert root is not None
+    mount("none", "/", None, MS_REC | MS_PRIVATE)
+    mount(root, root, None, MS_BIND)
+    for target, source in spec.binds.items():
+        if source == "/proc":
+            continue
+        mount(source, root + target, None, MS_BIND | MS_REC)
+    mount("none", os.path.join(root, "proc"), "proc", 0)
+    if os.path.isdir(os.path.join(root, "dev", "shm")) and os.path.exists("/dev/shm"):
+        mount("none", os.path.join(root, "dev", "shm"), "tmpfs", 0)
+    pts = os.path.join(root, "dev", "pts")
+    if (os.path.exists("/dev/pts/ptmx") and os.path.isdir(pts)
+            and not os.path.lexists(os.path.join(root, "dev", "ptmx"))
+            and "/dev/pts" not in spec.binds):  # fmt: skip
+        mount("none", pts, "devpts", 0, "newinstance,mode=0620")
+        os.symlink("/dev/pts/ptmx", os.path.join(root, "dev", "ptmx"))
+        os.chmod(os.path.join(pts, "ptmx"), 0o666)
+    os.chdir(root)
+    os.mkdir("real-root")
+    pivot_root(".", "real-root")
+    os.chroot(".")
+    umount("real-root", MNT_DETACH)
+    os.rmdir("real-root")
+
+
+def _become_builder(spec: ChildSpec, log_fd: int) -> None:
+    """Final steps in the process that execs the builder; never returns."""
+    if spec.chroot is not None:
+        _setup_mounts(spec)
+        if spec.private_network:
+            loopback_up()
+        socket.sethostname("localhost")
+        _check(_libc.setdomainname(b"(none)", 7), "cannot set domain name")
+    os.chdir(spec.work_dir)
+    if spec.personality is not None:
+        set_personality(spec.personality)
+    if spec.uid is not None and spec.gid is not None:
+        os.setgroups(spec.groups)
+        os.setgid(spec.gid)
+        os.setuid(spec.uid)
+        if os.getuid() != spec.uid or os.geteuid() != spec.uid:
+            raise OSError(errno.EPERM, "cannot set uid")
+        if os.getgid() != spec.gid or os.getegid() != spec.gid:
+            raise OSError(errno.EPERM, "cannot set gid")
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    os.write(2, b"\n")
+    if spec.builtin is not None:
+        try:
+            spec.builtin()
+        except Exception as e:
+            sys.stdout.flush()
+            os.write(2, f"error: {e}\n".encode())
+            os._exit(1)
+        sys.stdout.flush()
+        os._exit(0)
+    argv = [os.path.basename(spec.builder), *spec.args]
+    try:
+        os.execve(spec.builder, argv, spec.env)
+    except OSError as e:
+        os.write(
+            2,
+            f"while setting up the build environment: executing `{spec.builder}': "
+            f"{e.strerror}\n".encode(),
+        )
+        os._exit(1)
+
+
+_fds_ready = False
+
+
+def _child_fds(log_fd: int) -> None:
+    global _fds_ready
+    null = os.open("/dev/null", os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.closerange(3, 65536)
+    _fds_ready = True
+
+
+def child_main(spec: ChildSpec, log_fd: int, pid_fd: int) -> None:
+    """Runs in the forked child; never returns.
+
+    Writes the builder's host PID (decimal + newline) to `pid_fd` so the daemon can kill the
+    build's PID namespace; setup errors go to the log pipe before the `\\n` handshake.
+    """
+    try:
+        os.setsid()
+        if spec.chroot is None:
+            os.write(pid_fd, f"{os.getpid()}\n".encode())
+            os.close(pid_fd)
+            _child_fds(log_fd)
+            _become_builder(spec, 2)
+        flags = CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS
+        if spec.private_network:
+            flags |= CLONE_NEWNET
+        unshare(flags)
+        pid = os.fork()
+        if pid == 0:
+            os.close(pid_fd)
+            _child_fds(log_fd)
+            _become_builder(spec, 2)
+        os.write(pid_fd, f"{pid}\n".encode())
+        os.close(pid_fd)
+        os.close(log_fd)
+        null = os.open("/dev/null", os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        while True:
+            try:
+                _, status = os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            signal.signal(sig, signal.SIG_DFL)
+            os.kill(os.getpid(), sig)
+        os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+    except BaseException as e:
+        if isinstance(e, OSError) and e.filename:
+            msg = f"{e.strerror}: {e.filename}"
+        elif isinstance(e, OSError) and e.args:
+            msg = str(e.args[-1])
+        else:
+            msg = str(e)
+        with contextlib.suppress(OSError):
+            text = f"while setting up the build environment: {msg}\n".encode()
+            os.write(2 if _fds_ready else log_fd, text)
+        os._exit(1)
+    finally:
+        sys.stderr.flush()
+        os._exit(1)

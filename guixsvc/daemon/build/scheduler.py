@@ -1,0 +1,931 @@
+"""BuildPaths: realising derivations the way upstream's `Worker` and `DerivationGoal` do.
+
+One `Worker` per request (spec/build-env.md §2): every requested derivation becomes a goal,
+input derivations become goals first (shared work done once), goals whose outputs are valid are
+skipped, output paths are locked (`<out>.lock`) so two sessions never build the same output, and
+up to `build-max-jobs` builders run at once.  The worker is a single-threaded event loop: it
+`select`s on the builders' log pipes, forwards and stores their output, enforces the silence
+and total timeouts, and processes outputs when a builder's pipe reaches end-of-file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import os
+import platform
+import select
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from guixsvc.daemon.build import builtins, environment, outputs, sandbox
+from guixsvc.daemon.build.logs import BuildLog
+from guixsvc.daemon.build.outputs import BuildError, NotDeterministic, show_paths
+from guixsvc.protocol.ops import BuildMode
+from guixsvc.protocol.store_api import StoreError
+from guixsvc.store.db import ValidPathInfo
+from guixsvc.store.derivation import Derivation, DerivationError, parse_derivation
+from guixsvc.store.locks import PathLocks
+from guixsvc.store.optimise import optimise_path
+
+if TYPE_CHECKING:
+    from guixsvc.daemon.localstore import LocalStore
+
+LVL_ERROR, LVL_INFO, LVL_TALKATIVE, LVL_CHATTY, LVL_DEBUG = range(5)
+
+READ_SIZE = 4096
+
+
+class Result(enum.Enum):
+    BUILT = "built"
+    ALREADY_VALID = "already valid"
+    PERMANENT_FAILURE = "permanent failure"
+    TRANSIENT_FAILURE = "transient failure"
+    TIMED_OUT = "timed out"
+    CACHED_FAILURE = "cached failure"
+    DEPENDENCY_FAILED = "dependency failed"
+    OUTPUT_REJECTED = "output rejected"
+    INPUT_REJECTED = "input rejected"
+    CANCELLED = "cancelled"
+
+
+_FAILURES_PERMANENT = {Result.PERMANENT_FAILURE, Result.CACHED_FAILURE, Result.INPUT_REJECTED}
+
+
+def _status_to_string(status: int) -> str:
+    if os.WIFEXITED(status):
+        return f"failed with exit code {os.WEXITSTATUS(status)}"
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.strsignal(sig) or str(sig)
+        except ValueError:
+            name = str(sig)
+        return f"failed due to signal {sig} ({name})"
+    return "died abnormally"
+
+
+def can_build_locally(system: str, this_system: str) -> bool:
+    return (
+        system == this_system
+        or (system == "i686-linux" and this_system == "x86_64-linux")
+        or (system == "armhf-linux" and this_system == "aarch64-linux")
+    )
+
+
+@dataclass
+class Running:
+    """A started builder."""
+
+    pid: int  # the process the daemon forked
+    kill_pid: int  # the builder (PID 1 of its namespace with chroot)
+    fd: int
+    started: float
+    last_output: float
+    log: BuildLog | None
+    log_size: int = 0
+    timed_out: str | None = None
+
+
+@dataclass
+class Goal:
+    drv_path: str
+    wanted: set[str] | None  # None: all outputs
+    drv: Derivation | None = None
+    deps: list[Goal] = field(default_factory=list)
+    waiters: list[Goal] = field(default_factory=list)
+    result: Result | None = None
+    top_level: bool = False
+    # Build state.
+    nr_rounds: int = 1
+    cur_round: int = 1
+    locks: PathLocks | None = None
+    waiting_since: float | None = None
+    missing: list[str] = field(default_factory=list)
+    input_paths: set[str] = field(default_factory=set)
+    user: sandbox.BuildUser | None = None
+    tmp_dir: str | None = None
+    top_dir: str | None = None
+    chroot: str | None = None
+    running: Running | None = None
+    prev_infos: dict[str, ValidPathInfo] | None = None
+    tried_substitutes: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"building of `{self.drv_path}'"
+
+
+class Worker:
+    """Runs the goals of one BuildPaths request for a LocalStore."""
+
+    def __init__(self, store: LocalStore, mode: BuildMode) -> None:
+        self.store = store
+        self.mode = mode
+        self.settings = store.settings
+        self.db = store.db
+        self.store_dir = store.config.store_dir
+        self.goals: dict[str, Goal] = {}
+        self.running: dict[int, Goal] = {}  # fd -> goal
+        self.timed_out = False
+        self.permanent_failure = False
+        self.stop = False
+        self.this_system = self.settings.get("system") or "x86_64-linux"
+        self.max_jobs = self.settings.get_int("build-max-jobs", 1)
+        self.poll_interval = max(self.settings.get_int("build-poll-interval", 5), 1)
+        self.waiting_message_shown = False
+
+    # -- messages ----------------------------------------------------------------------------
+
+    def msg(self, level: int, text: str) -> None:
+        self.store.message(level, text)
+
+    def trace(self, text: str) -> None:
+        if self.settings.print_build_trace:
+            self.msg(LVL_ERROR, text)
+
+    def builder_output(self, chunk: bytes) -> None:
+        if self.settings.verbosity >= self.settings.build_verbosity:
+            self.store.build_output(chunk)
+
+    # -- goals -------------------------------------------------------------------------------
+
+    def _read_drv(self, path: str) -> Derivation:
+        with open(path, "rb") as f:
+            data = f.read()
+        try:
+            return parse_derivation(data)
+        except DerivationError as exc:
+            raise StoreError(f"error parsing derivation `{path}': {exc}") from None
+
+    def goal(self, drv_path: str, wanted: set[str] | None) -> Goal:
+        g = self.goals.get(drv_path)
+        if g is not None:
+            if g.wanted is not None:
+                g.wanted = None if wanted is None else g.wanted | wanted
+            return g
+        g = Goal(drv_path, wanted)
+        self.goals[drv_path] = g
+        if not self.db.is_valid(drv_path):
+            g.result = Result.PERMANENT_FAILURE
+            self.msg(LVL_ERROR, f"cannot build missing derivation `{drv_path}'")
+            return g
+        self.store.add_temp_root(self.store.sd.parse(drv_path))
+        g.drv = self._read_drv(drv_path)
+        for out in g.drv.outputs.values():
+            self.store.add_temp_root(self.store.sd.parse(out.path))
+        for dep_path, names in sorted(g.drv.input_drvs.items()):
+            dep = self.goal(dep_path, set(names))
+            g.deps.append(dep)
+            dep.waiters.append(g)
+        return g
+
+    def run(self, items: list[str]) -> None:
+        top: list[tuple[str, Goal | None]] = []
+        failed_paths: list[str] = []
+        for item in items:
+            path, bang, outs = item.partition("!")
+            if path.endswith(".drv"):
+                g = self.goal(path, set(outs.split(",")) if bang and outs else None)
+                g.top_level = True
+                top.append((path, g))
+            elif not self.db.is_valid(path):
+                try:
+                    ok = self.store.substitute(self.store.sd.parse(path))
+                except StoreError as exc:
+                    self.msg(LVL_ERROR, str(exc))
+                    ok = False
+                if not ok:
+                    self.msg(LVL_ERROR, f"path `{path}' does not exist and cannot be created")
+                    failed_paths.append(path)
+        try:
+            self._loop()
+        finally:
+            for g in list(self.running.values()):
+                self._kill(g)
+                self._cleanup(g, failed=True)
+        failed = failed_paths + [
+            p
+            for p, g in top
+            if g is not None and g.result not in (Result.BUILT, Result.ALREADY_VALID)
+        ]
+        if failed:
+            status = 101 if self.timed_out else 100 if self.permanent_failure else 1
+            raise StoreError(f"build of {show_paths(failed)} failed", status)
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _ready(self) -> list[Goal]:
+        """Goals that can be advanced: inputs finished (or one failed and not keep-going)."""
+        keep_going = self.settings.keep_going
+        ready = [
+            g
+            for g in self.goals.values()
+            if g.result is None
+            and g.running is None
+            and (
+                all(d.result is not None for d in g.deps)
+                or (not keep_going and any(_failed(d) for d in g.deps))
+            )
+        ]
+        # Upstream's goal keys: `b$<name>$<drvpath>`, so builds are ordered by name.
+        ready.sort(key=lambda g: (os.path.basename(g.drv_path)[33:], g.drv_path))
+        return ready
+
+    def _loop(self) -> None:
+        while True:
+            progressed = False
+            for g in self._ready():
+                before = (g.result, g.running)
+                self._step(g)
+                progressed |= (g.result, g.running) != before
+            if self.stop:
+                return
+            if not self.running:
+                pending = self._ready()
+                if not pending:
+                    return
+                if progressed:
+                    continue
+                if self.max_jobs == 0:
+                    raise StoreError(
+                        "unable to start any build; either increase `--max-jobs' "
+                        "or enable distributed builds"
+                    )
+                time.sleep(min(self.poll_interval, 0.5))
+                continue
+            self._wait()
+
+    def _done(self, g: Goal, result: Result) -> None:
+        g.result = result
+        if result in (Result.BUILT, Result.ALREADY_VALID):
+            return
+        if result == Result.TIMED_OUT:
+            self.timed_out = True
+        if result in _FAILURES_PERMANENT:
+            self.permanent_failure = True
+        if not self.settings.keep_going and g.top_level and result != Result.CANCELLED:
+            self.stop = True
+
+    def _wanted_outputs(self, g: Goal) -> dict[str, str]:
+        assert g.drv is not None
+        names = g.wanted if g.wanted is not None else set(g.drv.outputs)
+        return {n: g.drv.outputs[n].path for n in names if n in g.drv.outputs}
+
+    def _step(self, g: Goal) -> None:
+        """Advance a goal whose dependencies are finished: skip, fail or start a build."""
+        assert g.drv is not None
+        drv = g.drv
+        failed_deps = [d for d in g.deps if _failed(d)]
+        if failed_deps:
+            self.msg(
+                LVL_ERROR,
+                f"cannot build derivation `{g.drv_path}': {len(failed_deps)} dependencies "
+                "couldn't be built",
+            )
+            self._done(g, Result.DEPENDENCY_FAILED)
+            return
+        if self.stop:
+            self._done(g, Result.CANCELLED)
+            return
+        wanted = self._wanted_outputs(g)
+        if self.mode == BuildMode.NORMAL and all(self.db.is_valid(p) for p in wanted.values()):
+            self._done(g, Result.ALREADY_VALID)
+            return
+        if self.mode == BuildMode.CHECK:
+            invalid = [p for p in drv.outputs.values() if not self.db.is_valid(p.path)]
+            if invalid:
+                raise StoreError(
+                    f"some outputs of `{g.drv_path}' are not valid, so checking is not possible"
+                )
+        if self._substitute_outputs(g, wanted):
+            return
+        if self.settings.get_bool("build-cache-failure"):
+            for out in drv.outputs.values():
+                if self.db.has_path_failed(out.path):
+                    self.msg(LVL_ERROR, f"builder for `{out.path}' failed previously (cached)")
+                    self.trace(f"@ build-failed {g.drv_path} - cached")
+                    self._done(g, Result.CACHED_FAILURE)
+                    return
+        for src in sorted(drv.input_srcs):
+            if not self.db.is_valid(src) and not self._substitute(src):
+                self.msg(LVL_ERROR, f"path `{src}' is required, but it is not valid")
+                self._done(g, Result.DEPENDENCY_FAILED)
+                return
+        # The input closure.
+        roots: set[str] = set(drv.input_srcs)
+        for dep in g.deps:
+            assert dep.drv is not None
+            names = drv.input_drvs[dep.drv_path]
+            roots.update(dep.drv.outputs[n].path for n in names if n in dep.drv.outputs)
+        g.input_paths = self.closure(roots)
+        fixed = environment.is_fixed_output_build(drv)
+        g.nr_rounds = 1 if fixed else self.settings.get_int("build-repeat", 0) + 1
+        self._try_to_build(g)
+
+    def _substitute(self, path: str) -> bool:
+        try:
+            return self.store.substitute(self.store.sd.parse(path))
+        except StoreError as exc:
+            self.msg(LVL_ERROR, str(exc))
+            return False
+
+    def _substitute_outputs(self, g: Goal, wanted: dict[str, str]) -> bool:
+        """Upstream step (4): try substitutes for missing outputs; True if all are now valid."""
+        assert g.drv is not None
+        if (
+            self.mode == BuildMode.CHECK
+            or not self.settings.substitute_urls()
+            or g.drv.env.get("allowSubstitutes") == "0"
+            or g.tried_substitutes
+        ):
+            return False
+        g.tried_substitutes = True
+        for path in sorted(wanted.values()):
+            if not self.db.is_valid(path):
+                self._substitute(path)
+        if self.mode == BuildMode.NORMAL and all(self.db.is_valid(p) for p in wanted.values()):
+            self._done(g, Result.ALREADY_VALID)
+            return True
+        return False
+
+    def closure(self, paths: set[str]) -> set[str]:
+        seen: set[str] = set()
+        todo = list(paths)
+        while todo:
+            p = todo.pop()
+            if p in seen:
+                continue
+            seen.add(p)
+            todo.extend(r for r in self.db.references(p) if r not in seen)
+        return seen
+
+    def _try_to_build(self, g: Goal) -> bool:
+        """Lock the outputs and start the builder; False if it has to wait or finished."""
+        assert g.drv is not None
+        drv = g.drv
+        out_paths = sorted(o.path for o in drv.outputs.values())
+        if len(self.running) >= self.max_jobs:
+            return False
+        if g.locks is None:
+            locks = PathLocks()
+            if not locks.lock(out_paths, wait=False):
+                if not self.waiting_message_shown:
+                    self.msg(LVL_ERROR, "waiting for locks or build slots...")
+                    self.waiting_message_shown = True
+                g.waiting_since = time.monotonic()
+                return False
+            g.locks = locks
+        wanted = self._wanted_outputs(g)
+        if self.mode == BuildMode.NORMAL and all(self.db.is_valid(p) for p in wanted.values()):
+            self.msg(
+                LVL_DEBUG, f"skipping build of derivation `{g.drv_path}', someone beat us to it"
+            )
+            self._release_locks(g, delete=True)
+            self._done(g, Result.ALREADY_VALID)
+            return False
+        if self.mode == BuildMode.CHECK:
+            g.missing = out_paths
+        else:
+            g.missing = [p for p in out_paths if not self.db.is_valid(p)]
+            for p in g.missing:
+                if os.path.lexists(p):
+                    sandbox.remove_tree(p)
+        try:
+            self._start_builder(g)
+        except BuildError as exc:
+            self.msg(LVL_ERROR, str(exc))
+            self.trace(f"@ build-failed {g.drv_path} - 0 {exc}")
+            self._cleanup(g, failed=True)
+            self._done(g, Result.INPUT_REJECTED)
+            return False
+        except (OSError, sandbox.SandboxError, sandbox.BuildUsersError, StoreError) as exc:
+            self._cleanup(g, failed=True)
+            text = str(exc) if not isinstance(exc, OSError) or not exc.filename else (
+                f"{exc.strerror}: {exc.filename}")  # fmt: skip
+            raise StoreError(text) from None
+        return True
+
+    def _release_locks(self, g: Goal, *, delete: bool) -> None:
+        if g.locks is not None:
+            g.locks.set_deletion(delete)
+            g.locks.unlock()
+            g.locks = None
+
+    # -- starting a builder ------------------------------------------------------------------
+
+    def _start_builder(self, g: Goal) -> None:
+        assert g.drv is not None
+        drv = g.drv
+        store = self.store
+        settings = self.settings
+        paths = show_paths(g.missing)
+        if self.mode == BuildMode.REPAIR:
+            text = f"repairing path(s) {paths}"
+        elif self.mode == BuildMode.CHECK:
+            text = f"checking path(s) {paths}"
+        elif g.nr_rounds > 1:
+            text = f"building path(s) {paths} (round {g.cur_round}/{g.nr_rounds})"
+        else:
+            text = f"building path(s) {paths}"
+        self.msg(LVL_INFO, text)
+
+        builtin_name = (
+            drv.builder[len("builtin:") :] if drv.builder.startswith("builtin:") else None
+        )
+        if builtin_name is not None and builtin_name not in builtins.BUILTIN_NAMES:
+            raise BuildError(f"unsupported builtin function '{builtin_name}'")
+        use_chroot = settings.get_bool("build-use-chroot") and builtin_name is None
+        root = os.geteuid() == 0
+        if not root and use_chroot:
+            use_chroot = False
+            self.msg(
+                LVL_ERROR,
+                "warning: the daemon is not running as root: building without a chroot, "
+                "namespaces or build users",
+            )
+        group = settings.get("build-users-group")
+        if root and group:
+            user = sandbox.acquire_build_user(group, store.config.state_dir)
+            if user is None:
+                raise StoreError(
+                    "all build users are currently in use; consider creating additional users "
+                    f"and adding them to the `{group}' group"
+                )
+            g.user = user
+            sandbox.kill_user(user.uid)
+        fixed = environment.is_fixed_output_build(drv)
+        base = os.path.basename(g.drv_path)
+        g.top_dir = environment.create_build_dir(base)
+        if use_chroot:
+            g.tmp_dir = os.path.join(g.top_dir, "top")
+            os.mkdir(g.tmp_dir, 0o700)
+            in_sandbox = f"/tmp/{environment.build_dir_name(base)}-0"
+        else:
+            g.tmp_dir = g.top_dir
+            in_sandbox = g.tmp_dir
+            if builtin_name is None and os.path.exists(environment.HOMELESS):
+                raise StoreError(f"directory `{environment.HOMELESS}' exists; please remove it")
+        if g.user is not None:
+            os.chown(g.tmp_dir, g.user.uid, g.user.gid)
+        self._export_references_graph(g, g.tmp_dir)
+        cores = settings.get_int("build-cores", 0)
+        env = environment.builder_environment(
+            drv, store_dir=self.store_dir, cores=cores, build_dir=in_sandbox
+        )
+        spec = sandbox.ChildSpec(
+            builder=drv.builder,
+            args=list(drv.args),
+            env=env,
+            work_dir=in_sandbox,
+            uid=g.user.uid if g.user else None,
+            gid=g.user.gid if g.user else None,
+            groups=g.user.groups if g.user else [],
+            private_network=not fixed,
+            personality=self._personality(drv.platform),
+        )
+        if use_chroot:
+            uid = g.user.uid if g.user else os.getuid()
+            gid = g.user.gid if g.user else os.getgid()
+            g.chroot = g.drv_path + ".chroot"
+            binds: dict[str, str] = {in_sandbox: g.tmp_dir}
+            for item in (settings.get("build-chroot-dirs") + " "
+                         + settings.get("build-extra-chroot-dirs")).split():  # fmt: skip
+                target, eq, source = item.partition("=")
+                binds[target] = source if eq else target
+            inputs = sorted(p for p in g.input_paths if p not in set(g.missing))
+            spec.binds = sandbox.prepare_chroot(
+                g.chroot,
+                store_dir=self.store_dir,
+                uid=uid,
+                gid=gid,
+                build_gid=g.user.gid if g.user else None,
+                fixed_output=fixed,
+                inputs=inputs,
+                binds=binds,
+            )
+            spec.chroot = g.chroot
+        if builtin_name is not None:
+            out = drv.outputs["out"].path if "out" in drv.outputs else ""
+            spec.builtin = lambda: builtins.run_builtin(builtin_name, drv, out)
+
+        if not can_build_locally(drv.platform, self.this_system) and (
+            drv.platform.partition("-")[2] != self.this_system.partition("-")[2]
+            or builtin_name is not None
+        ):
+            self.trace(f"@ unsupported-platform {g.drv_path} {drv.platform}")
+            raise BuildError(
+                f"a `{drv.platform}' is required to build `{g.drv_path}', "
+                f"but I am a `{self.this_system}'"
+            )
+
+        log: BuildLog | None = None
+        if settings.get_bool("build-keep-log") and not settings.lose_logs:
+            log = BuildLog(store.config.log_dir, g.drv_path, settings.log_compression)
+        read_fd, write_fd = os.pipe()
+        pid_r, pid_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            os.close(read_fd)
+            os.close(pid_r)
+            sandbox.child_main(spec, write_fd, pid_w)
+        os.close(write_fd)
+        os.close(pid_w)
+        kill_pid = _read_pid(pid_r) or pid
+        os.close(pid_r)
+        now = time.monotonic()
+        g.running = Running(pid, kill_pid, read_fd, now, now, log)
+        error, rest = self._handshake(read_fd)
+        if error is not None:
+            self._kill(g)
+            os.close(read_fd)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+            if log is not None:
+                log.close()
+            g.running = None
+            self._cleanup(g, failed=True)
+            raise StoreError(error)
+        self.running[read_fd] = g
+        self.trace(
+            f"@ build-started {g.drv_path} - {drv.platform} {log.path if log else ''} {kill_pid}"
+        )
+        if rest:
+            self._handle_output(g, rest)
+
+    def _handshake(self, fd: int) -> tuple[str | None, bytes]:
+        """Read the child's first line: empty means the set-up succeeded."""
+        data = b""
+        deadline = time.monotonic() + 60
+        while b"\n" not in data:
+            r, _, _ = select.select([fd], [], [], max(deadline - time.monotonic(), 0))
+            if not r:
+                return "while setting up the build environment: timed out", b""
+            chunk = os.read(fd, READ_SIZE)
+            if not chunk:
+                return data.decode(errors="replace").strip() or "builder failed to start", b""
+            data += chunk
+        line, _, rest = data.partition(b"\n")
+        if line:
+            return line.decode(errors="replace"), b""
+        return None, rest
+
+    def _personality(self, system: str) -> int | None:
+        machine = platform.machine()
+        flags = sandbox.ADDR_NO_RANDOMIZE
+        if (
+            system == "i686-linux" and (self.this_system == "x86_64-linux" or machine == "x86_64")
+        ) or (system == "armhf-linux" and self.this_system.startswith("aarch64")):
+            flags |= sandbox.PER_LINUX32
+        if self.settings.get_bool("build-impersonate-linux-26") and system in (
+            "i686-linux", "x86_64-linux"
+        ):  # fmt: skip
+            flags |= sandbox.UNAME26
+        return flags
+
+    def _export_references_graph(self, g: Goal, build_dir: str) -> None:
+        assert g.drv is not None
+        spec = g.drv.env.get("exportReferencesGraph")
+        if not spec:
+            return
+        tokens = spec.split()
+        if len(tokens) % 2:
+            raise BuildError(f"odd number of tokens in `exportReferencesGraph': `{spec}'")
+        for file_name, path in zip(tokens[::2], tokens[1::2], strict=True):
+            from guixsvc.store.paths import InvalidName, check_name
+
+            try:
+                check_name(file_name)
+            except InvalidName as exc:
+                raise BuildError(str(exc)) from None
+            if not self.store.sd.is_in_store(path):
+                raise BuildError(f"path `{path}' is not in the store")
+            store_path = self.store.sd.to_store_path(path)
+            if not self.db.is_valid(store_path):
+                raise BuildError(f"path `{store_path}' is not valid")
+            paths = self.closure({store_path})
+            for p in list(paths):
+                if p.endswith(".drv"):
+                    for out in self.db.derivation_outputs(p).values():
+                        if self.db.is_valid(out):
+                            paths |= self.closure({out})
+            lines = []
+            for p in sorted(paths, key=os.fsencode):
+                refs = sorted(self.db.references(p), key=os.fsencode)
+                lines.append(f"{p}\n\n{len(refs)}\n" + "".join(r + "\n" for r in refs))
+            target = os.path.join(build_dir, file_name)
+            with open(target, "w") as f:
+                f.write("".join(lines))
+            if g.user is not None:
+                os.chown(target, g.user.uid, g.user.gid)
+
+    # -- waiting -----------------------------------------------------------------------------
+
+    def _wait(self) -> None:
+        now = time.monotonic()
+        silent = self.settings.get_int("build-max-silent-time", 0)
+        total = self.settings.get_int("build-timeout", 0)
+        deadline = now + 1.0
+        for g in self.running.values():
+            r = g.running
+            assert r is not None
+            if silent:
+                deadline = min(deadline, r.last_output + silent)
+            if total:
+                deadline = min(deadline, r.started + total)
+        timeout = max(deadline - now, 0)
+        readable, _, _ = select.select(list(self.running), [], [], timeout)
+        for fd in readable:
+            g = self.running[fd]
+            r = g.running
+            assert r is not None
+            try:
+                chunk = os.read(fd, READ_SIZE)
+            except OSError:
+                chunk = b""
+            if chunk:
+                r.last_output = time.monotonic()
+                self._handle_output(g, chunk)
+            else:
+                self._builder_done(g)
+        now = time.monotonic()
+        for g in list(self.running.values()):
+            r = g.running
+            assert r is not None
+            if silent and now - r.last_output >= silent:
+                r.timed_out = f"{g.name} timed out after {silent} seconds of silence"
+            elif total and now - r.started >= total:
+                r.timed_out = f"{g.name} timed out after {total} seconds"
+            if r.timed_out:
+                self._builder_done(g)
+
+    def _handle_output(self, g: Goal, chunk: bytes) -> None:
+        r = g.running
+        assert r is not None
+        r.log_size += len(chunk)
+        limit = self.settings.get_int("build-max-log-size", 0)
+        if limit and r.log_size > limit:
+            r.timed_out = f"{g.name} killed after writing more than {limit} bytes of log output"
+            self._builder_done(g)
+            return
+        if r.log is not None:
+            r.log.write(chunk)
+        self.builder_output(chunk)
+
+    def _kill(self, g: Goal) -> None:
+        r = g.running
+        if r is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(r.kill_pid, signal.SIGKILL)
+        if r.kill_pid == r.pid:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(r.pid, signal.SIGKILL)
+        if g.user is not None:
+            with contextlib.suppress(sandbox.SandboxError):
+                sandbox.kill_user(g.user.uid)
+
+    def _builder_done(self, g: Goal) -> None:
+        r = g.running
+        assert r is not None
+        del self.running[r.fd]
+        if r.timed_out:
+            self._kill(g)
+        else:
+            # Drain what is left (the pipe reached EOF or is about to).
+            pass
+        os.close(r.fd)
+        _, status = os.waitpid(r.pid, 0)
+        if g.user is not None:
+            with contextlib.suppress(sandbox.SandboxError):
+                sandbox.kill_user(g.user.uid)
+        if r.log is not None:
+            r.log.close()
+        g.running = None
+        assert g.drv is not None
+        if r.timed_out:
+            self.msg(LVL_ERROR, r.timed_out)
+            self.trace(f"@ build-failed {g.drv_path} - timeout")
+            self._cleanup(g, failed=True)
+            self._done(g, Result.TIMED_OUT)
+            return
+        fixed = environment.is_fixed_output_build(g.drv)
+        if status != 0:
+            self._move_failed_outputs(g)
+            message = f"builder for `{g.drv_path}' {_status_to_string(status)}"
+            self.msg(LVL_ERROR, message)
+            self.trace(f"@ build-failed {g.drv_path} - 1 {message}")
+            if self.settings.get_bool("build-cache-failure") and not fixed:
+                for out in g.drv.outputs.values():
+                    self.db.add_failed_path(out.path)
+            self._cleanup(g, failed=True)
+            self._done(g, Result.TRANSIENT_FAILURE if fixed else Result.PERMANENT_FAILURE)
+            return
+        try:
+            finished = self._register_outputs(g)
+        except NotDeterministic as exc:
+            self._reject(g, str(exc))
+            return
+        except BuildError as exc:
+            self._reject(g, str(exc))
+            return
+        except StoreError:
+            self._cleanup(g, failed=True)
+            raise
+        if not finished:
+            # Another round.
+            self._cleanup(g, failed=False, keep_locks=True)
+            g.cur_round += 1
+            self._start_builder(g)
+            assert g.running is not None
+            return
+        self.trace(f"@ build-succeeded {g.drv_path} -")
+        self._cleanup(g, failed=False)
+        self._done(g, Result.BUILT)
+
+    def _reject(self, g: Goal, message: str) -> None:
+        assert g.drv is not None
+        self.msg(LVL_ERROR, message)
+        self.trace(f"@ build-failed {g.drv_path} - 1 {message}")
+        if self.settings.get_bool("build-cache-failure"):
+            for out in g.drv.outputs.values():
+                self.db.add_failed_path(out.path)
+        if self.mode != BuildMode.CHECK:
+            for p in g.missing:
+                if not self.db.is_valid(p):
+                    sandbox.remove_tree(p)
+        self._cleanup(g, failed=True)
+        self._done(g, Result.OUTPUT_REJECTED)
+
+    def _actual(self, g: Goal, path: str) -> str:
+        return g.chroot + path if g.chroot else path
+
+    def _move_failed_outputs(self, g: Goal) -> None:
+        if g.chroot is None or self.mode != BuildMode.NORMAL:
+            return
+        for p in g.missing:
+            actual = self._actual(g, p)
+            if os.path.lexists(actual) and not os.path.lexists(p):
+                with contextlib.suppress(OSError):
+                    os.rename(actual, p)
+
+    def _register_outputs(self, g: Goal) -> bool:
+        """Process the outputs of a successful round; True when the goal is finished."""
+        assert g.drv is not None
+        drv = g.drv
+        uid = g.user.uid if g.user else None
+        inodes: set[tuple[int, int]] = set()
+        all_paths = g.input_paths | {o.path for o in drv.outputs.values()}
+        infos: dict[str, ValidPathInfo] = {}
+        check_locations: dict[str, str] = {}
+        for p in g.missing:
+            actual = self._actual(g, p)
+            if not os.path.lexists(actual):
+                raise BuildError(f"builder for `{g.drv_path}' failed to produce output path `{p}'")
+            if g.chroot and self.mode != BuildMode.CHECK:
+                os.rename(actual, p)
+                actual = p
+            outputs.check_permissions(actual, uid)
+            name = next(n for n, o in drv.outputs.items() if o.path == p)
+            outputs.check_fixed_output(
+                drv, name, p, actual, self.trace if self.settings.print_build_trace else None
+            )
+            info = outputs.scan_output(
+                p,
+                actual,
+                build_uid=uid,
+                inodes_seen=inodes,
+                candidates=all_paths,
+                drv_path=g.drv_path,
+            )
+            if self.mode == BuildMode.CHECK:
+                old = self.db.path_info(p)
+                if old is not None and old.nar_hash != info.nar_hash:
+                    if self.settings.keep_failed:
+                        dst = p + "-check"
+                        sandbox.remove_tree(dst)
+                        os.rename(actual, dst)
+                        raise StoreError(
+                            f"derivation `{g.drv_path}' may not be deterministic: output `{p}' "
+                            f"differs from ‘{dst}’"
+                        )
+                    raise StoreError(
+                        f"derivation `{g.drv_path}' may not be deterministic: output `{p}' differs"
+                    )
+                self.trace(f"@ build-succeeded {g.drv_path} -")
+                check_locations[p] = actual
+                continue
+            infos[p] = info
+        if self.mode == BuildMode.CHECK:
+            return True
+        outputs.check_reference_constraints(drv, infos, self.closure_with(infos))
+        if g.prev_infos is not None:
+            for p, info in infos.items():
+                prev = g.prev_infos.get(p)
+                if prev is not None and (
+                    prev.nar_hash != info.nar_hash or prev.references != info.references
+                ):
+                    check = p + "-check"
+                    if os.path.lexists(check):
+                        raise NotDeterministic(
+                            f"output ‘{p}’ of ‘{g.drv_path}’ differs from ‘{check}’ "
+                            "from previous round"
+                        )
+                    raise NotDeterministic(
+                        f"output ‘{p}’ of ‘{g.drv_path}’ differs from previous round"
+                    )
+        if g.cur_round < g.nr_rounds:
+            g.prev_infos = infos
+            for p in infos:
+                if self.settings.keep_failed:
+                    check = p + "-check"
+                    sandbox.remove_tree(check)
+                    os.rename(p, check)
+                else:
+                    sandbox.remove_tree(p)
+            return False
+        if self.settings.get_bool("auto-optimise-store"):
+            for p in infos:
+                optimise_path(self.store_dir, p)
+        with self.db.transaction():
+            self.db.register_valid_paths(list(infos.values()))
+        return True
+
+    def closure_with(self, infos: dict[str, ValidPathInfo]) -> Callable[[Iterable[str]], set[str]]:
+        def closure(paths: Iterable[str]) -> set[str]:
+            seen: set[str] = set()
+            todo = list(paths)
+            while todo:
+                p = todo.pop()
+                if p in seen:
+                    continue
+                seen.add(p)
+                refs = infos[p].references if p in infos else self.db.references(p)
+                todo.extend(r for r in refs if r not in seen)
+            return seen
+
+        return closure
+
+    def _cleanup(self, g: Goal, *, failed: bool, keep_locks: bool = False) -> None:
+        """Remove the chroot and build tree (or keep it), release the user and the locks."""
+        if g.chroot is not None:
+            sandbox.remove_tree(g.chroot)
+            g.chroot = None
+        if g.top_dir is not None:
+            if failed and self.settings.keep_failed:
+                self.msg(LVL_ERROR, f"note: keeping build directory `{g.top_dir}'")
+                if g.tmp_dir:
+                    with contextlib.suppress(OSError):
+                        os.chmod(g.tmp_dir, 0o755)
+                self._give_kept_tree(g)
+            else:
+                sandbox.remove_tree(g.top_dir)
+            g.top_dir = g.tmp_dir = None
+        if g.user is not None:
+            g.user.release()
+            g.user = None
+        if not keep_locks:
+            self._release_locks(g, delete=not failed)
+
+    def _give_kept_tree(self, g: Goal) -> None:
+        uid = self.store.client_uid
+        if uid is None or uid == 0 or g.top_dir is None:
+            return
+        for dirpath, dirnames, filenames in os.walk(g.top_dir):
+            for name in (dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)):
+                with contextlib.suppress(OSError):
+                    os.lchown(name, uid, -1)
+        top = g.top_dir
+        if g.tmp_dir != top and os.path.isdir(os.path.join(top, "top")):
+            pivot = top + ".pivot"
+            os.rename(top, pivot)
+            os.rename(os.path.join(pivot, "top"), top)
+            shutil.rmtree(pivot, ignore_errors=True)
+
+
+def _failed(g: Goal) -> bool:
+    return g.result is not None and g.result not in (Result.BUILT, Result.ALREADY_VALID)
+
+
+def _read_pid(fd: int) -> int | None:
+    data = b""
+    while True:
+        chunk = os.read(fd, 64)
+        if not chunk:
+            break
+        data += chunk
+        if data.endswith(b"\n"):
+            break
+    try:
+        return int(data.strip())
+    except ValueError:
+        return None
+
+
+def build_paths(store: LocalStore, items: list[str], mode: BuildMode) -> None:
+    """Entry point for LocalStore.build_paths."""
+    Worker(store, mode).run(items)
