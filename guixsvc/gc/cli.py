@@ -1,0 +1,562 @@
+"""`guixsvc gc`: upstream's `guix gc` command line, talking to the daemon over its socket.
+
+It is a drop-in for `guix gc` (`guix/scripts/gc.scm`, newer tree; spec gc.md §7): the same
+options parsed the way Guile's SRFI-37 parses them, the same output on stdout (one item per line),
+the same `guix gc: …` diagnostics and exit codes.  Collection, deletion and the listing queries
+go to the daemon (found through `GUIX_DAEMON_SOCKET`); `--list-roots`, `--list-busy` and
+`--delete-generations` work on the file system, as upstream's client does, and `--list-busy`
+never connects (the daemon runs it while holding the GC lock).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sqlite3
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from guixsvc import __version__
+from guixsvc.gc import profiles
+from guixsvc.gc.busy import busy_store_items
+from guixsvc.gc.units import UsageError, number_to_size, parse_duration, size_to_number
+from guixsvc.protocol.client import DaemonClient, DaemonError, default_socket
+from guixsvc.protocol.ops import GCAction
+from guixsvc.protocol.wire import ProtocolError
+from guixsvc.store.config import StoreConfig
+
+__all__ = ["Options", "main", "parse_args"]
+
+PROG = "guix gc"
+UNLIMITED = 2**64 - 1
+
+HELP = """\
+Usage: guix gc [OPTION]... PATHS...
+Invoke the garbage collector.
+
+  -C, --collect-garbage[=MIN]
+                         collect at least MIN bytes of garbage
+  -F, --free-space=FREE  attempt to reach FREE available space in the store
+  -d, --delete-generations[=PATTERN]
+                         delete profile generations matching PATTERN
+  -D, --delete           attempt to delete PATHS
+      --list-roots       list the user's garbage collector roots
+      --list-busy        list store items used by running processes
+      --optimize         optimize the store by deduplicating identical files
+      --list-dead        list dead paths
+      --list-live        list live paths
+
+      --references       list the references of PATHS
+  -R, --requisites       list the requisites of PATHS
+      --referrers        list the referrers of PATHS
+      --derivers         list the derivers of PATHS
+
+      --verify[=OPTS]    verify the integrity of the store; OPTS is a
+                         comma-separated combination of 'repair' and
+                         'contents'
+      --list-failures    list cached build failures
+      --clear-failures   remove PATHS from the set of cached failures
+
+      --vacuum-database  repack the sqlite database tracking the store
+                         using less space
+
+  -h, --help             display this help and exit
+  -V, --version          display version information and exit
+
+Report bugs to: bug-guix@gnu.org.
+GNU Guix home page: <https://www.gnu.org/software/guix/>
+General help using Guix and GNU software: <https://guix.gnu.org/en/help/>
+"""
+
+VERSION = f"""\
+guix gc (GNU Guix) {__version__}
+Copyright (C) 2026 the Guix authors
+License GPLv3+: GNU GPL version 3 or later <http://gnu.org/licenses/gpl.html>
+This is free software: you are free to change and redistribute it.
+There is NO WARRANTY, to the extent permitted by law.
+"""
+
+
+class Exit(Exception):
+    """Stop with this exit status (after the option handler did its printing)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+@dataclass
+class Options:
+    action: str = "collect-garbage"
+    min_freed: int | None = None
+    free_space: int | None = None
+    delete_generations: bool = False
+    generations_pattern: str | None = None
+    verify_options: list[str] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+
+
+# --- option parsing (SRFI-37 semantics, spec cli.md §0) ----------------------------------------
+
+Handler = Callable[[Options, str | None], None]
+
+
+@dataclass(frozen=True)
+class _Opt:
+    names: tuple[str, ...]  # one-character names are short options
+    required: bool
+    optional: bool
+    handler: Handler
+
+
+def _set_action(action: str) -> Handler:
+    def handle(opts: Options, arg: str | None) -> None:
+        opts.action = action
+
+    return handle
+
+
+def _collect(opts: Options, arg: str | None) -> None:
+    opts.action = "collect-garbage"
+    if arg is not None:
+        opts.min_freed = size_to_number(arg)
+
+
+def _free_space(opts: Options, arg: str | None) -> None:
+    assert arg is not None
+    opts.free_space = size_to_number(arg)
+
+
+def _delete_generations(opts: Options, arg: str | None) -> None:
+    store = StoreConfig.from_env(daemon=False).store_dir
+    if arg is not None and arg.startswith(store):
+        _warn("'-d' as an alias for '--delete' is deprecated; use '-D'")
+        # Upstream replaces the whole option list here (quirk): earlier options are lost.
+        fresh = Options(action="delete", paths=[arg])
+        opts.__dict__.update(fresh.__dict__)
+        return
+    if arg is not None and parse_duration(arg) is None:
+        raise UsageError(f'"{arg}" does not denote a duration')
+    opts.delete_generations = True
+    opts.generations_pattern = arg
+
+
+def _verify(opts: Options, arg: str | None) -> None:
+    options = [o for o in (arg or "").split(",") if o]
+    for option in options:
+        if option not in ("repair", "contents"):
+            raise UsageError(f"{option}: invalid '--verify' option")
+    opts.action = "verify"
+    opts.verify_options = options
+
+
+def _help(opts: Options, arg: str | None) -> None:
+    sys.stdout.write(HELP)
+    raise Exit(0)
+
+
+def _version(opts: Options, arg: str | None) -> None:
+    sys.stdout.write(VERSION)
+    raise Exit(0)
+
+
+def _vacuum(opts: Options, arg: str | None) -> None:
+    if os.getuid() != 0:
+        raise UsageError("vacuuming the database can only be used by root")
+    vacuum_database(StoreConfig.from_env(daemon=False).db_dir)
+    raise Exit(0)
+
+
+OPTIONS: tuple[_Opt, ...] = (
+    _Opt(("h", "help"), False, False, _help),
+    _Opt(("V", "version"), False, False, _version),
+    _Opt(("vacuum-database",), False, False, _vacuum),
+    _Opt(("C", "collect-garbage"), False, True, _collect),
+    _Opt(("F", "free-space"), True, False, _free_space),
+    _Opt(("D", "delete"), False, False, _set_action("delete")),
+    _Opt(("d", "delete-generations"), False, True, _delete_generations),
+    _Opt(("optimize",), False, False, _set_action("optimize")),
+    _Opt(("verify",), False, True, _verify),
+    _Opt(("list-roots",), False, False, _set_action("list-roots")),
+    _Opt(("list-busy",), False, False, _set_action("list-busy")),
+    _Opt(("list-dead",), False, False, _set_action("list-dead")),
+    _Opt(("list-live",), False, False, _set_action("list-live")),
+    _Opt(("references",), False, False, _set_action("list-references")),
+    _Opt(("R", "requisites"), False, False, _set_action("list-requisites")),
+    _Opt(("referrers",), False, False, _set_action("list-referrers")),
+    _Opt(("derivers",), False, False, _set_action("list-derivers")),
+    _Opt(("list-failures",), False, False, _set_action("list-failures")),
+    _Opt(("clear-failures",), False, False, _set_action("clear-failures")),
+)
+
+_LOOKUP = {name: opt for opt in OPTIONS for name in opt.names}
+
+
+class _Unrecognized(Exception):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+def _string_distance(a: str, b: str) -> int:
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i]
+        for j, cb in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return previous[-1]
+
+
+def _option_hint(name: str) -> str | None:
+    guess = name.split("=")[0]
+    best, best_distance = None, 3
+    for opt in OPTIONS:
+        for long_name in opt.names:
+            if len(long_name) == 1:
+                continue
+            distance = _string_distance(guess, long_name)
+            if distance < best_distance:
+                best, best_distance = long_name, distance
+    return best
+
+
+def parse_args(argv: Sequence[str]) -> Options:
+    """Fold `argv` into `Options`, calling each option's handler as it is met (like upstream,
+    a bad value stops parsing at once).  Raises `UsageError`, `_Unrecognized` or `Exit`."""
+    opts = Options()
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            opts.paths.extend(args[i + 1 :])
+            break
+        if arg.startswith("--"):
+            i += 1
+            _long_option(opts, arg)
+        elif arg.startswith("-") and len(arg) > 1:
+            i = _short_options(opts, args, i)
+        else:
+            opts.paths.append(arg)
+            i += 1
+    return opts
+
+
+def _long_option(opts: Options, arg: str) -> None:
+    # Like SRFI-37, look for a name before each `=` in turn.
+    start = 2
+    while True:
+        index = arg.find("=", start)
+        name = arg[2:] if index < 0 else arg[2:index]
+        opt = _LOOKUP.get(name) if len(name) > 1 else None
+        if opt is not None:
+            break
+        if index < 0:
+            raise _Unrecognized(arg[2:])
+        start = index + 1
+    value = None if index < 0 else arg[index + 1 :]
+    if opt.required and value is None:
+        raise UsageError(f"invalid argument: Missing required argument after `--{name}'")
+    if not (opt.required or opt.optional) and value is not None:
+        raise UsageError(f"invalid argument: Extraneous argument after `--{name}'")
+    opt.handler(opts, value)
+
+
+def _short_options(opts: Options, args: list[str], i: int) -> int:
+    arg = args[i]
+    pos = 1
+    while pos < len(arg):
+        letter = arg[pos]
+        opt = _LOOKUP.get(letter)
+        if opt is None:
+            raise _Unrecognized(letter)
+        if opt.required or opt.optional:
+            if pos + 1 < len(arg):
+                value: str | None = arg[pos + 1 :]
+                i += 1
+            elif i + 1 < len(args):
+                value = args[i + 1]
+                i += 2
+            else:
+                value = None
+                i += 1
+            if value is None and opt.required:
+                raise UsageError(f"invalid argument: Missing required argument after `-{letter}'")
+            opt.handler(opts, value)
+            return i
+        opt.handler(opts, None)
+        pos += 1
+    return i + 1
+
+
+# --- diagnostics -------------------------------------------------------------------------------
+
+
+def _info(message: str) -> None:
+    sys.stderr.write(f"{PROG}: {message}\n")
+
+
+def _warn(message: str) -> None:
+    sys.stderr.write(f"{PROG}: warning: {message}\n")
+
+
+def _error(message: str) -> None:
+    sys.stderr.write(f"{PROG}: error: {message}\n")
+
+
+class _DaemonLog:
+    """Shows the daemon's messages on stderr; on a terminal, the per-item progress lines
+    (`[…] deleting '…'`) overwrite each other instead of scrolling."""
+
+    _PROGRESS = re.compile(r"^\[[^]]*\] deleting '")
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.pending = False
+
+    def __call__(self, text: str) -> None:
+        if self.tty and self._PROGRESS.match(text):
+            self.stream.write("\r\x1b[K" + text.rstrip("\n"))
+            self.pending = True
+        else:
+            self.finish()
+            self.stream.write(text)
+        self.stream.flush()
+
+    def finish(self) -> None:
+        if self.pending:
+            self.stream.write("\r\x1b[K")
+            self.pending = False
+
+
+# --- actions -----------------------------------------------------------------------------------
+
+
+class _Session:
+    """The daemon connection, opened when an action first needs it (like newer upstream)."""
+
+    def __init__(self) -> None:
+        self.uri = default_socket()
+        self.log = _DaemonLog(sys.stderr)
+        self._client: DaemonClient | None = None
+
+    @property
+    def client(self) -> DaemonClient:
+        if self._client is None:
+            try:
+                self._client = DaemonClient(self.uri, log=self.log)
+            except OSError as e:
+                name = self.uri
+                raise UsageError(
+                    f"failed to connect to `{name}': {os.strerror(e.errno or 0)}"
+                ) from None
+        return self._client
+
+    def close(self) -> None:
+        self.log.finish()
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+def _symlink_target(file: str) -> str:
+    while True:
+        try:
+            if not os.path.islink(file):
+                return file
+            file = os.readlink(file)
+        except OSError:
+            return file
+
+
+def _store_directory(file: str, store_dir: str) -> str:
+    m = re.match(re.escape(store_dir) + "/([^/]+)", file)
+    return f"{store_dir}/{m.group(1)}" if m else file
+
+
+def direct_store_path(path: str, store_dir: str) -> str:
+    """`direct-store-path`: strip what follows `<store>/<hash>-<name>`."""
+    prefix_length = len(store_dir) + 35
+    if len(path) > prefix_length:
+        slash = path.find("/", prefix_length)
+        if slash >= 0:
+            return path[:slash]
+    return path
+
+
+def requisites(client: DaemonClient, paths: Iterable[str]) -> list[str]:
+    """`requisites`: the closure, in upstream's order (reverse breadth-first discovery)."""
+    queue = list(paths)
+    seen: set[str] = set()
+    result: list[str] = []
+    i = 0
+    while i < len(queue):
+        path = queue[i]
+        i += 1
+        if path in seen:
+            continue
+        seen.add(path)
+        queue.extend(client.query_references(path))
+        result.append(path)
+    result.reverse()
+    return result
+
+
+def _print_lines(lines: Iterable[str]) -> None:
+    out = sys.stdout
+    for line in lines:
+        out.write(line + "\n")
+    out.flush()
+
+
+def free_disk_space(path: str) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_bsize
+
+
+def vacuum_database(db_dir: str) -> None:
+    """`VACUUM` the store database in place (newer `guix gc --vacuum-database`)."""
+    conn = sqlite3.connect(f"{db_dir}/db.sqlite", timeout=3600.0, isolation_level=None)
+    try:
+        conn.execute("VACUUM")
+    finally:
+        conn.close()
+
+
+def delete_generations(config: StoreConfig, pattern: str | None) -> None:
+    """Delete old generations of every profile of the caller (of everybody, for root)."""
+    root_user = os.getuid() == 0
+    seen: dict[str, None] = {}
+    for root in profiles.gc_roots(config.state_dir, config.store_dir):
+        if not (root_user or profiles.user_owned(root)):
+            continue
+        profile = profiles.generation_profile(root)
+        if profile is not None:
+            seen.setdefault(profile, None)
+    duration = None if pattern is None else parse_duration(pattern)
+    for profile in seen:
+        profiles.delete_old_generations(profile, duration, out=sys.stdout.write)
+    sys.stdout.flush()
+
+
+def _run(opts: Options, session: _Session) -> int:
+    config = StoreConfig.from_env(daemon=False)
+    store_dir = config.store_dir
+    # Upstream collects operands newest first, so PATHS are handled in reverse order.
+    paths = opts.paths[::-1]
+
+    def no_extra_arguments() -> None:
+        if paths:
+            raise UsageError("extraneous arguments: " + "".join(f"{p} " for p in paths))
+
+    def relatives(query: Callable[[DaemonClient, str], list[str]]) -> None:
+        client = session.client
+        for path in paths:
+            item = _store_directory(_symlink_target(path), store_dir)
+            _print_lines(query(client, item))
+
+    action = opts.action
+    if action == "collect-garbage":
+        no_extra_arguments()
+        client = session.client
+        if opts.delete_generations:
+            delete_generations(config, opts.generations_pattern)
+        if opts.free_space is not None:
+            free = free_disk_space(store_dir)
+            if free > opts.free_space:
+                _info(f"already {number_to_size(free)} available on {store_dir}, nothing to do")
+            else:
+                to_free = opts.free_space - free
+                _info(f"freeing {number_to_size(to_free)}")
+                client.collect_garbage(GCAction.DELETE_DEAD, (), to_free)
+                session.log.finish()
+        else:
+            min_freed = UNLIMITED if opts.min_freed is None else opts.min_freed
+            _, freed = client.collect_garbage(GCAction.DELETE_DEAD, (), min_freed)
+            session.log.finish()
+            _info(f"freed {number_to_size(freed)}")
+    elif action == "list-roots":
+        no_extra_arguments()
+        roots = profiles.gc_roots(config.state_dir, store_dir)
+        if os.getuid() != 0:
+            roots = [r for r in roots if profiles.user_owned(r)]
+        _print_lines(roots)
+    elif action == "list-busy":
+        no_extra_arguments()
+        _print_lines(busy_store_items(store_dir))
+    elif action == "delete":
+        session.client.collect_garbage(
+            GCAction.DELETE_SPECIFIC, [direct_store_path(p, store_dir) for p in paths]
+        )
+    elif action == "list-references":
+        relatives(lambda c, p: c.query_references(p))
+    elif action == "list-requisites":
+        relatives(lambda c, p: requisites(c, [p]))
+    elif action == "list-referrers":
+        relatives(lambda c, p: c.query_referrers(p))
+    elif action == "list-derivers":
+        relatives(lambda c, p: c.query_valid_derivers(p))
+    elif action == "optimize":
+        no_extra_arguments()
+        session.client.optimise_store()
+    elif action == "verify":
+        no_extra_arguments()
+        errors = session.client.verify_store(
+            "contents" in opts.verify_options, "repair" in opts.verify_options
+        )
+        return 1 if errors else 0
+    elif action == "list-failures":
+        _print_lines(session.client.query_failed_paths())
+    elif action == "clear-failures":
+        session.client.clear_failed_paths([direct_store_path(p, store_dir) for p in paths])
+    elif action == "list-dead":
+        _print_lines(session.client.collect_garbage(GCAction.RETURN_DEAD)[0])
+    elif action == "list-live":
+        _print_lines(session.client.collect_garbage(GCAction.RETURN_LIVE)[0])
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `guixsvc gc ARGS...`; returns the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    session = _Session()
+    try:
+        try:
+            opts = parse_args(args)
+        except _Unrecognized as e:
+            _error(f"{e.name}: unrecognized option")
+            hint = _option_hint(e.name)
+            if hint:
+                sys.stderr.write(f"hint: Did you mean `{hint}'?\n\n")
+            return 1
+        return _run(opts, session)
+    except Exit as e:
+        return e.status
+    except UsageError as e:
+        session.log.finish()
+        _error(str(e))
+        return 1
+    except DaemonError as e:
+        session.log.finish()
+        _error(e.message)
+        return 1
+    except BrokenPipeError:
+        return 0
+    except (EOFError, ProtocolError, OSError) as e:
+        session.log.finish()
+        _error(str(e) or type(e).__name__)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        with contextlib.suppress(OSError):
+            session.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
