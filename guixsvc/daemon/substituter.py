@@ -1,0 +1,525 @@
+"""The daemon's substituter: what upstream delegates to `guix substitute`, done in-process.
+
+Upstream's daemon runs the Guile helper `guix substitute --query/--substitute`
+(spec/build-env.md §12); its observable behaviour is what matters here: narinfos fetched from
+the substitute URLs in order, cached on disk with upstream's TTLs and file format
+(substitutes.md §7.7), authenticated against the ACL with the "equivalent narinfo" rule (§7.3),
+nars downloaded, decompressed, unpacked and hashed in one streaming pass, and the item
+registered with its references only once its hash and size match.  Anything that fails leaves
+nothing in the store.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import functools
+import hashlib
+import http.client
+import os
+import random
+import re
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from urllib.parse import unquote, urljoin, urlsplit
+
+from guixsvc.pki import keys
+from guixsvc.publish.compression import decompressor
+from guixsvc.store import base32, nar
+from guixsvc.store.narinfo import Narinfo, NarinfoError, best_entries, parse_narinfo, select_hit
+from guixsvc.store.paths import InvalidStorePath, StorePath
+
+if TYPE_CHECKING:
+    from guixsvc.daemon.localstore import LocalStore
+
+__all__ = ["FetchError", "NarinfoCache", "Substituter"]
+
+#: TTLs of newer `guix substitute` (guix/substitutes.scm), in seconds.
+POSITIVE_TTL = 36 * 3600
+NEGATIVE_TTL = 2 * 60
+TRANSIENT_TTL = 60
+#: Guile's `time-monotonic` is TAI: Unix time plus the 37 leap seconds.
+TAI_OFFSET = 37
+USER_AGENT = "GNU Guile"
+LOOKUP_THREADS = 8
+_READ = 1 << 20
+
+LVL_ERROR, LVL_INFO = 0, 1
+
+
+class FetchError(Exception):
+    """A download or verification failure; the message is what the client is told."""
+
+
+# --- on-disk narinfo cache ----------------------------------------------------------------------
+
+
+def _scheme_string(text: str) -> str:
+    """Guile's `write` of a string."""
+    escaped = (
+        text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
+    )
+    return f'"{escaped}"'
+
+
+_STRING_RE = re.compile(r'"((?:[^"\\]|\\.)*)"', re.S)
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "a": "\a", "0": "\0"}
+
+
+def _unscheme(body: str) -> str:
+    def repl(m: re.Match[str]) -> str:
+        c = m.group(1)
+        if c.startswith("x"):
+            return chr(int(c[1:].rstrip(";"), 16))
+        return _ESCAPES.get(c, c)
+
+    return re.sub(r"\\(x[0-9a-fA-F]+;|.)", repl, body)
+
+
+class NarinfoCache:
+    """`<cache>/<base32(sha256(url))>/<hash-part>` files as `cache-narinfo!` writes them."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    @staticmethod
+    def url_key(url: str) -> str:
+        digest = hashlib.sha256(url.encode("utf-8")).digest()
+        return base64.b32encode(digest).decode("ascii").lower().rstrip("=")
+
+    def file(self, url: str, hash_part: str) -> str:
+        return os.path.join(self.directory, self.url_key(url), hash_part)
+
+    def get(self, url: str, hash_part: str) -> tuple[bool, bytes | None]:
+        """(found, narinfo text or None for a negative entry)."""
+        try:
+            with open(self.file(url, hash_part), encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError):
+            return False, None
+        date = re.search(r"\(date (\d+)\)", text)
+        ttl = re.search(r"\(ttl (\d+)\)", text)
+        if not date or not ttl or "(version 2)" not in text:
+            return False, None
+        if int(date.group(1)) + int(ttl.group(1)) < time.time() + TAI_OFFSET:
+            return False, None
+        value = text[text.find("(value ") + 7 :]
+        if value.startswith("#f"):
+            return True, None
+        m = _STRING_RE.match(value)
+        if not m:
+            return False, None
+        return True, _unscheme(m.group(1)).encode("utf-8")
+
+    def put(self, url: str, hash_part: str, body: bytes | None, ttl: int) -> None:
+        value = "#f" if body is None else _scheme_string(body.decode("utf-8", "replace"))
+        now = int(time.time()) + TAI_OFFSET
+        text = (
+            f"(narinfo (version 2) (cache-uri {_scheme_string(url)}) (date {now}) "
+            f"(ttl {ttl}) (value {value}))"
+        )
+        path = self.file(url, hash_part)
+        with contextlib.suppress(OSError):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.{threading.get_ident()}"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.rename(tmp, path)
+
+
+# --- HTTP -------------------------------------------------------------------------------------
+
+
+class _Connections:
+    """Keep-alive connections, one set per thread."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def get(self, scheme: str, host: str, port: int | None) -> http.client.HTTPConnection:
+        pool: dict[tuple[str, str, int | None], http.client.HTTPConnection] = (
+            getattr(self._local, "pool", None) or {}
+        )
+        self._local.pool = pool
+        key = (scheme, host, port)
+        conn = pool.get(key)
+        if conn is None:
+            if scheme == "https":
+                conn = http.client.HTTPSConnection(
+                    host, port, timeout=30, context=ssl.create_default_context()
+                )
+            else:
+                conn = http.client.HTTPConnection(host, port, timeout=30)
+            pool[key] = conn
+        return conn
+
+    def drop(self, scheme: str, host: str, port: int | None) -> None:
+        pool = getattr(self._local, "pool", {})
+        conn = pool.pop((scheme, host, port), None)
+        if conn is not None:
+            conn.close()
+
+
+def _max_age(headers: http.client.HTTPMessage) -> int | None:
+    m = re.search(r"max-age=(\d+)", headers.get("Cache-Control", ""))
+    return int(m.group(1)) if m else None
+
+
+@dataclass
+class _Hit:
+    narinfo: Narinfo
+    references: list[StorePath]
+    deriver: StorePath | None
+
+
+class Substituter:
+    """Narinfo lookups and substitutions for one daemon session."""
+
+    def __init__(
+        self,
+        store: LocalStore,
+        message: Callable[[int, str], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.sd = store.sd
+        self.message = message or (lambda level, text: None)
+        env = os.environ
+        xdg = env.get("XDG_CACHE_HOME")
+        directory = (
+            os.path.join(xdg, "guix", "substitute")
+            if xdg
+            else os.path.join(store.config.state_dir, "substitute", "cache")
+        )
+        self.cache = NarinfoCache(directory)
+        self.conns = _Connections()
+        self.unauthenticated = (
+            env.get("GUIX_ALLOW_UNAUTHENTICATED_SUBSTITUTES", "").lower() == "yes"
+        )
+        self._acl: keys.Acl | None = None
+        self._hits: dict[str, _Hit | None] = {}
+
+    # -- configuration -----------------------------------------------------------------------
+
+    def urls(self) -> list[str]:
+        urls = self.store.settings.substitute_urls()
+        if urls and self.store.settings.get_bool("discover"):
+            discovered = self._discovered()
+            urls = discovered + urls
+        return urls
+
+    def _discovered(self) -> list[str]:
+        path = os.path.join(self.store.config.state_dir, "discover", "publish")
+        try:
+            with open(path) as f:
+                lines = [ln.strip() for ln in f if ln.strip()]
+        except OSError:
+            return []
+        lines.reverse()
+        if len(lines) > 50:
+            lines = random.sample(lines, 50)
+        return lines
+
+    def acl(self) -> keys.Acl:
+        if self._acl is None:
+            try:
+                self._acl = keys.current_acl(self.store.config.conf_dir)
+            except (OSError, keys.PkiError, ValueError):
+                self._acl = keys.Acl()
+        return self._acl
+
+    # -- narinfo lookups ------------------------------------------------------------------------
+
+    def _fetch_narinfo(self, cache_url: str, hash_part: str) -> bytes | None:
+        """One narinfo from one server (through the disk cache); None when absent."""
+        found, cached = self.cache.get(cache_url, hash_part)
+        if found:
+            return cached
+        url = cache_url.rstrip("/") + "/" + hash_part + ".narinfo"
+        parts = urlsplit(url)
+        if parts.scheme == "file":
+            try:
+                with open(unquote(parts.path), "rb") as f:
+                    return f.read()
+            except OSError:
+                return None
+        if parts.scheme not in ("http", "https"):
+            return None
+        host, port = parts.hostname or "localhost", parts.port
+        target = parts.path or "/"
+        for attempt in (0, 1):
+            conn = self.conns.get(parts.scheme, host, port)
+            try:
+                conn.request("GET", target, headers={"User-Agent": USER_AGENT})
+                resp = conn.getresponse()
+                body = resp.read()
+            except (OSError, http.client.HTTPException):
+                self.conns.drop(parts.scheme, host, port)
+                if attempt:
+                    raise
+                continue
+            if resp.will_close:
+                self.conns.drop(parts.scheme, host, port)
+            age = _max_age(resp.headers)
+            if resp.status == 200:
+                self.cache.put(cache_url, hash_part, body, age if age is not None else POSITIVE_TTL)
+                return body
+            if resp.status in (404, 202):
+                self.cache.put(cache_url, hash_part, None, age if age is not None else NEGATIVE_TTL)
+            else:
+                self.cache.put(cache_url, hash_part, None, TRANSIENT_TTL)
+            return None
+        return None
+
+    def _parse_hit(self, path: StorePath, info: Narinfo) -> _Hit | None:
+        if info.store_path != self.sd.display(path):
+            return None
+        try:
+            refs = [self.sd.parse(f"{self.sd.path}/{r}") for r in info.references]
+            deriver = self.sd.parse(f"{self.sd.path}/{info.deriver}") if info.deriver else None
+        except InvalidStorePath:
+            return None
+        return _Hit(info, refs, deriver)
+
+    def lookup(self, paths: Iterable[StorePath]) -> dict[StorePath, _Hit]:
+        """`lookup-narinfos/diverse`: the usable narinfo of each path that has one."""
+        todo = [p for p in dict.fromkeys(paths) if p.base_name not in self._hits]
+        candidates: dict[StorePath, list[Narinfo]] = {p: [] for p in todo}
+        remaining = list(todo)
+        acl = self.acl()
+        for cache_url in self.urls():
+            if not remaining:
+                break
+
+            def one(p: StorePath, url: str = cache_url) -> tuple[StorePath, Narinfo | None]:
+                try:
+                    body = self._fetch_narinfo(url, p.hash_part)
+                except (OSError, http.client.HTTPException) as exc:
+                    raise _ServerDown(url, exc) from None
+                if body is None:
+                    return p, None
+                try:
+                    info = parse_narinfo(body, url)
+                except NarinfoError:
+                    return p, None
+                if os.path.dirname(info.store_path) != self.sd.path:
+                    return p, None
+                return p, info
+
+            try:
+                with ThreadPoolExecutor(min(LOOKUP_THREADS, len(remaining))) as pool:
+                    results = list(pool.map(one, remaining))
+            except _ServerDown as exc:
+                host = urlsplit(exc.url).hostname or exc.url
+                self.message(LVL_ERROR, f"{host}: connection failed: {exc.reason}")
+                continue
+            still = []
+            for p, info in results:
+                if info is not None:
+                    candidates[p].append(info)
+                if info is None or not (self.unauthenticated or info.is_valid(acl)):
+                    still.append(p)
+            remaining = still
+        hits: dict[StorePath, _Hit] = {}
+        for p, infos in candidates.items():
+            chosen = infos[0] if (self.unauthenticated and infos) else select_hit(infos, acl)
+            hit = self._parse_hit(p, chosen) if chosen is not None else None
+            self._hits[p.base_name] = hit
+        for p in dict.fromkeys(paths):
+            hit = self._hits.get(p.base_name)
+            if hit is not None:
+                hits[p] = hit
+        return hits
+
+    # -- the query operations ----------------------------------------------------------------
+
+    def have(self, paths: list[StorePath]) -> list[StorePath]:
+        hits = self.lookup(paths)
+        return [p for p in paths if p in hits]
+
+    def infos(self, paths: list[StorePath]) -> list[tuple[StorePath, _Hit]]:
+        hits = self.lookup(paths)
+        return [(p, hits[p]) for p in paths if p in hits]
+
+    @staticmethod
+    def download_size(hit: _Hit) -> int:
+        entries = best_entries(hit.narinfo)
+        return (entries[0].file_size or 0) if entries else 0
+
+    # -- substitution -------------------------------------------------------------------------
+
+    def substitute(self, path: StorePath, _active: set[StorePath] | None = None) -> bool:
+        """Make ``path`` valid from a substitute, its references first.  False (with a message
+        to the client) when there is no substitute or it fails verification."""
+        store = self.store
+        if store.is_valid_path(path):
+            return True
+        active = _active if _active is not None else set()
+        if path in active:
+            return False
+        active.add(path)
+        hit = self.lookup([path]).get(path)
+        if hit is None:
+            return False
+        for ref in hit.references:
+            if ref != path and not store.is_valid_path(ref) and not self.substitute(ref, active):
+                self.message(LVL_ERROR, f"cannot substitute reference `{self.sd.display(ref)}'")
+                return False
+        display = self.sd.display(path)
+        self.message(LVL_INFO, f"fetching path `{display}'...")
+        errors: list[str] = []
+        for entry in best_entries(hit.narinfo):
+            staged = store._staging_path()
+            try:
+                digest, size = self._download(entry.url, entry.compression, staged)
+                self._check(hit.narinfo, display, digest, size)
+            except FetchError as exc:
+                store_delete(staged)
+                errors.append(str(exc))
+                self.message(LVL_ERROR, str(exc))
+                if "hash mismatch" in str(exc):
+                    break
+                continue
+            except BaseException:
+                store_delete(staged)
+                raise
+            store._install(
+                path, staged, hit.references, deriver=hit.deriver, nar_hash=digest, nar_size=size
+            )
+            return store.is_valid_path(path)
+        if not errors:
+            self.message(LVL_ERROR, f"no supported download for `{display}'")
+        return False
+
+    def _check(self, info: Narinfo, display: str, digest: bytes, size: int) -> None:
+        algo, _, expected_text = info.nar_hash.partition(":")
+        if algo != "sha256":
+            raise FetchError(f"unknown hash algorithm in `{info.nar_hash}'")
+        try:
+            expected = (
+                bytes.fromhex(expected_text)
+                if len(expected_text) == 64
+                else base32.decode(expected_text)
+            )
+        except ValueError:
+            raise FetchError(f"bad hash from substituter: {info.nar_hash}") from None
+        if expected != digest:
+            raise FetchError(f"hash mismatch for substituted item `{display}'")
+        if info.nar_size is not None and info.nar_size != size:
+            raise FetchError(f"size mismatch for substituted item `{display}'")
+
+    def _open(self, url: str) -> tuple[Iterator[bytes], Callable[[], None]]:
+        """A stream of body chunks of ``url`` (redirects followed)."""
+        for _ in range(6):
+            parts = urlsplit(url)
+            if parts.scheme == "file":
+                try:
+                    f = open(unquote(parts.path), "rb")  # noqa: SIM115 - closed by the caller
+                except OSError as exc:
+                    raise FetchError(f"download from '{url}' failed: {exc.strerror}") from None
+                return iter(functools.partial(f.read, _READ), b""), f.close
+            if parts.scheme not in ("http", "https"):
+                raise FetchError(f"{url}: unsupported URL scheme")
+            host, port = parts.hostname or "localhost", parts.port
+            target = parts.path + (f"?{parts.query}" if parts.query else "")
+            conn = self.conns.get(parts.scheme, host, port)
+            try:
+                conn.request("GET", target or "/", headers={"User-Agent": USER_AGENT})
+                resp = conn.getresponse()
+            except (OSError, http.client.HTTPException) as exc:
+                self.conns.drop(parts.scheme, host, port)
+                raise FetchError(f"download from '{url}' failed: {exc}") from None
+            if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
+                resp.read()
+                url = urljoin(url, resp.getheader("Location", ""))
+                continue
+            if resp.status != 200:
+                resp.read()
+                raise FetchError(f"download from '{url}' failed: {resp.status}, \"{resp.reason}\"")
+
+            def chunks(r: http.client.HTTPResponse = resp) -> Iterator[bytes]:
+                while True:
+                    data = r.read1(_READ) if hasattr(r, "read1") else r.read(_READ)
+                    if not data:
+                        return
+                    yield data
+
+            def done(
+                r: http.client.HTTPResponse = resp, s: str = parts.scheme, h: str = host,
+                p: int | None = port,
+            ) -> None:  # fmt: skip
+                if not r.isclosed():
+                    self.conns.drop(s, h, p)
+
+            return chunks(), done
+        raise FetchError(f"download from '{url}' failed: too many redirects")
+
+    def _download(self, url: str, compression: str, staged: str) -> tuple[bytes, int]:
+        """Download, decompress and unpack into ``staged``; the nar's SHA-256 and size."""
+        try:
+            decomp = decompressor(compression)
+        except ValueError as exc:
+            raise FetchError(str(exc)) from None
+        hasher = hashlib.sha256()
+        size = 0
+        body, close = self._open(url)
+        try:
+            with nar.RestoreSink(staged) as sink:
+                parser = nar.NarParser(sink)
+
+                def feed(data: bytes) -> None:
+                    nonlocal size
+                    if not data:
+                        return
+                    if parser.done:
+                        raise FetchError(f"trailing data after the nar from '{url}'")
+                    used = parser.feed(data)
+                    hasher.update(memoryview(data)[:used])
+                    size += used
+                    if used != len(data):
+                        raise FetchError(f"trailing data after the nar from '{url}'")
+
+                try:
+                    for chunk in body:
+                        feed(decomp.decompress(chunk))
+                    feed(decomp.flush())
+                except (OSError, http.client.HTTPException) as exc:
+                    raise FetchError(f"download from '{url}' failed: {exc}") from None
+                except (nar.NarError, ValueError) as exc:
+                    raise FetchError(f"corrupt substitute from '{url}': {exc}") from None
+                except Exception as exc:  # decompressor-specific errors (zstd, lzip)
+                    if isinstance(exc, FetchError):
+                        raise
+                    raise FetchError(f"corrupt substitute from '{url}': {exc}") from None
+                if not parser.done:
+                    raise FetchError(f"download from '{url}' failed: truncated nar")
+        finally:
+            close()
+        return hasher.digest(), size
+
+
+class _ServerDown(Exception):
+    def __init__(self, url: str, reason: BaseException) -> None:
+        super().__init__(url)
+        self.url = url
+        self.reason = reason
+
+
+def store_delete(path: str) -> None:
+    from guixsvc.daemon.localstore import delete_path
+
+    with contextlib.suppress(OSError):
+        delete_path(path)
+
+
+def for_store(store: LocalStore) -> Substituter:
+    """The session's substituter (one per LocalStore, so its lookups are shared)."""
+    sub = getattr(store, "_substituter", None)
+    if sub is None:
+        sub = Substituter(store, store.message)
+        store._substituter = sub  # type: ignore[attr-defined]
+    return sub
