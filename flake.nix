@@ -1,0 +1,65 @@
+{
+  description = "guixsvc: the GNU Guix store services (guix-daemon, guix publish, guix gc) in Python";
+
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-unstable";
+
+  outputs =
+    { self, nixpkgs }:
+    let
+      inherit (nixpkgs) lib;
+      # The services are Linux-only (namespaces, build users, systemd).
+      systems = [
+        "x86_64-linux"
+        "aarch64-linux"
+      ];
+      forAllSystems = f: lib.genAttrs systems (system: f nixpkgs.legacyPackages.${system});
+    in
+    {
+      packages = forAllSystems (pkgs: rec {
+        guixsvc = pkgs.callPackage ./nix/package.nix { };
+        default = guixsvc;
+      });
+
+      overlays.default = final: _prev: { guixsvc = final.callPackage ./nix/package.nix { }; };
+
+      # `services.guix`; its package defaults to ./nix/package.nix built with the system's pkgs.
+      nixosModules.default = ./module.nix;
+      nixosModules.guixsvc = ./module.nix;
+
+      # The NixOS VM tests (`nix flake check`), plus the package itself.
+      checks = forAllSystems (
+        pkgs:
+        import ./nixos-tests { inherit pkgs; }
+        // {
+          package = self.packages.${pkgs.stdenv.hostPlatform.system}.default;
+        }
+      );
+
+      devShells = forAllSystems (pkgs: {
+        default = pkgs.mkShell {
+          packages = [
+            (pkgs.python3.withPackages (
+              ps:
+              [
+                ps.jinja2
+                ps.zstandard
+                ps.aiohttp
+                (ps.systemd-python or ps.systemd)
+                ps.pytest
+                ps.hypothesis
+              ]
+            ))
+            pkgs.ruff
+            pkgs.nix
+            pkgs.busybox
+            pkgs.guile
+          ];
+          shellHook = ''
+            export NIXPKGS_LIB=${nixpkgs}
+          '';
+        };
+      });
+
+      formatter = forAllSystems (pkgs: pkgs.nixfmt-tree or pkgs.nixfmt-rfc-style);
+    };
+}
