@@ -199,6 +199,7 @@ class LocalStore:
         remote: bool,
         build_output: Callable[[bytes], None] | None = None,
         client_uid: int | None = None,
+        db: StoreDatabase | None = None,
     ) -> None:
         self.config = config
         #: Sends builder output to the client verbatim (chunks, not lines).
@@ -210,7 +211,9 @@ class LocalStore:
         self.message = message
         self.trusted = trusted
         self.remote = remote
-        self.db = StoreDatabase.open(
+        #: A worker's database handle outlives its sessions; a store opened alone owns one.
+        self._owns_db = db is None
+        self.db = db or StoreDatabase.open(
             config.db_dir,
             wal=settings.get_bool("use-sqlite-wal"),
             fsync=settings.get_bool("fsync-metadata"),
@@ -222,7 +225,8 @@ class LocalStore:
         if self._temp_roots is not None:
             self._temp_roots.close()
             self._temp_roots = None
-        self.db.close()
+        if self._owns_db:
+            self.db.close()
 
     # -- session set-up ------------------------------------------------------------------------
 

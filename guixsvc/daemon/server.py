@@ -1,8 +1,14 @@
-"""The daemon's main process: listen, accept, and fork one worker process per connection.
+"""The daemon's main process: listen, and keep a pool of forked worker processes serving clients.
 
-Forking is how upstream isolates sessions, and it suits Python as well: a crashing or hung
-session cannot touch another one or the listener, the SQLite database is opened only inside the
-worker (never across a fork), and a worker's memory is returned to the system when it exits.
+Each connection is served by a process of its own, as upstream does it: a crashing or hung
+session cannot touch another one or the listener, and the SQLite database is opened only inside
+workers (never across a fork).  Unlike upstream, a worker is forked *before* a client arrives and
+serves one connection after another (never two at once): forking a Python process costs
+milliseconds, which upstream's C++ daemon does not pay, so forking per connection would make the
+handshake the slowest thing the daemon does.  Idle workers wait on the listening sockets
+themselves; each tells the main process over a pipe when it becomes busy or idle, and the main
+process forks more so that a few are always idle.  Per-session state (settings, temp roots,
+trust, CPU affinity) is made anew for every connection.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import contextlib
 import errno
 import logging
 import os
-import selectors
+import select
 import signal
 import socket
 import struct
@@ -22,10 +28,19 @@ from guixsvc.daemon.localstore import initialise_store
 from guixsvc.daemon.session import Session
 from guixsvc.daemon.settings import Settings
 from guixsvc.store.config import StoreConfig
+from guixsvc.store.db import StoreDatabase
 
 log = logging.getLogger("guix-daemon")
 
 _UCRED = struct.Struct("3i")
+_STATUS = struct.Struct("ii")
+_IDLE, _BUSY = 0, 1
+#: Idle workers kept ready; more are forked as soon as fewer are idle.
+MIN_IDLE = 2
+#: Idle workers beyond this many are told to exit.
+MAX_IDLE = 16
+#: A worker exits after this many sessions, bounding what a long-lived process accumulates.
+SESSIONS_PER_WORKER = 10_000
 
 
 def peer_credentials(conn: socket.socket) -> tuple[int, int, int] | None:
@@ -35,16 +50,6 @@ def peer_credentials(conn: socket.socket) -> tuple[int, int, int] | None:
     raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     pid, uid, gid = _UCRED.unpack(raw)
     return pid, uid, gid
-
-
-def _reap_children(*_: object) -> None:
-    while True:
-        try:
-            pid, _status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
 
 
 class _Stop(Exception):
@@ -73,39 +78,20 @@ def run_daemon(settings: Settings, listen_specs: list[str]) -> int:
     except listen.ListenError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 1
-    # Open the store once in the main process so that a broken store is reported at start-up
-    # rather than to the first client; the database handle is closed before any fork.
+    # Open the store once here so that a broken store is reported at start-up rather than to
+    # the first client; the database handle is closed before any fork.
     try:
         initialise_store(config, settings)
     except Exception as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 1
-
-    signal.signal(signal.SIGCHLD, _reap_children)
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    selector = selectors.DefaultSelector()
     for sock in sockets:
         sock.setblocking(False)
-        selector.register(sock, selectors.EVENT_READ)
+    pool = _Pool(sockets, config, settings)
     names = ", ".join(str(s.getsockname()) for s in sockets)
     log.info("accepting connections on %s", names)
-    listen.notify(f"READY=1\nSTATUS=accepting connections on {names}")
     try:
-        while True:
-            for key, _ in selector.select():
-                server_sock: socket.socket = key.fileobj  # type: ignore[assignment]
-                try:
-                    conn, _addr = server_sock.accept()
-                except OSError as exc:
-                    if exc.errno in (errno.EAGAIN, errno.EINTR, errno.ECONNABORTED):
-                        continue
-                    raise
-                _spawn_worker(conn, sockets, selector, config, settings)
-    except _Stop:
-        listen.notify("STOPPING=1")
-        log.info("shutting down")
+        pool.run(ready=f"READY=1\nSTATUS=accepting connections on {names}")
     finally:
         for sock in sockets:
             with contextlib.suppress(OSError):
@@ -113,42 +99,188 @@ def run_daemon(settings: Settings, listen_specs: list[str]) -> int:
     return 0
 
 
-def _spawn_worker(
-    conn: socket.socket,
-    sockets: list[socket.socket],
-    selector: selectors.BaseSelector,
-    config: StoreConfig,
-    settings: Settings,
-) -> None:
-    remote = listen.is_remote(conn)
-    if remote:
-        with contextlib.suppress(OSError):
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-    creds = peer_credentials(conn)
-    pid = os.fork()
-    if pid:
-        conn.close()
-        return
-    # Worker process.
-    status = 0
-    try:
-        selector.close()
-        for sock in sockets:
-            sock.close()
+class _Pool:
+    """The main process: keeps enough idle workers and reaps the ones that exit."""
+
+    def __init__(self, sockets: list[socket.socket], config: StoreConfig, settings: Settings):
+        self.sockets = sockets
+        self.config = config
+        self.settings = settings
+        self.workers: set[int] = set()
+        self.idle: set[int] = set()
+        self.status_r, self.status_w = os.pipe2(os.O_CLOEXEC)
+        self.stopping = False
+
+    def run(self, ready: str) -> None:
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        # Wake the select loop when a worker exits.
+        wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        os.set_blocking(self.status_r, False)
+        self._top_up()
+        listen.notify(ready)
+        try:
+            while True:
+                readable, _, _ = select.select([self.status_r, wake_r], [], [])
+                if wake_r in readable:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(wake_r, 4096)
+                    self._reap()
+                if self.status_r in readable:
+                    self._read_status()
+                self._top_up()
+        except _Stop:
+            listen.notify("STOPPING=1")
+            log.info("shutting down")
+            self.stopping = True
+            # Idle workers exit now; busy ones finish their session first (its client keeps
+            # its connection across a daemon restart, as with upstream's per-session processes).
+            for pid in list(self.workers):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+        finally:
+            signal.set_wakeup_fd(-1)
+
+    def _read_status(self) -> None:
+        try:
+            data = os.read(self.status_r, _STATUS.size * 256)
+        except BlockingIOError:
+            return
+        for offset in range(0, len(data) - len(data) % _STATUS.size, _STATUS.size):
+            pid, state = _STATUS.unpack_from(data, offset)
+            if pid not in self.workers:
+                continue
+            if state == _IDLE:
+                self.idle.add(pid)
+                if len(self.idle) > MAX_IDLE:
+                    self.idle.discard(pid)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGTERM)
+            else:
+                self.idle.discard(pid)
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, _status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self.workers.discard(pid)
+            self.idle.discard(pid)
+
+    def _top_up(self) -> None:
+        while not self.stopping and len(self.idle) < MIN_IDLE:
+            self._spawn()
+
+    def _spawn(self) -> None:
+        pid = os.fork()
+        if pid:
+            self.workers.add(pid)
+            self.idle.add(pid)
+            return
+        status = 0
+        try:
+            os.close(self.status_r)
+            _Worker(self.sockets, self.status_w, self.config, self.settings).run()
+        except BaseException:  # a worker must never return into the main loop
+            log.exception("worker crashed")
+            status = 1
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(status)
+
+
+class _Worker:
+    """A forked process serving one connection after another."""
+
+    def __init__(
+        self,
+        sockets: list[socket.socket],
+        status_w: int,
+        config: StoreConfig,
+        settings: Settings,
+    ) -> None:
+        self.sockets = sockets
+        self.status_w = status_w
+        self.config = config
+        self.settings = settings
+        self.busy = False
+        self.exit_after_session = False
+        self.db: StoreDatabase | None = None
+
+    def _on_term(self, signum: int, frame: object) -> None:
+        if self.busy:
+            self.exit_after_session = True
+        else:
+            raise _Stop
+
+    def _report(self, state: int) -> None:
+        with contextlib.suppress(OSError):  # the main process may be gone (a restart)
+            os.write(self.status_w, _STATUS.pack(os.getpid(), state))
+
+    def run(self) -> None:
+        signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGTERM, self._on_term)
         os.setsid()
+        self.db = StoreDatabase.open(
+            self.config.db_dir,
+            wal=self.settings.get_bool("use-sqlite-wal"),
+            fsync=self.settings.get_bool("fsync-metadata"),
+        )
+        try:
+            for _ in range(SESSIONS_PER_WORKER):
+                conn = self._accept()
+                try:
+                    self._serve(conn)
+                finally:
+                    self.busy = False
+                if self.exit_after_session:
+                    return
+                self._report(_IDLE)
+        except _Stop:
+            return
+        finally:
+            self.db.close()
+
+    def _accept(self) -> socket.socket:
+        while True:
+            select.select(self.sockets, [], [])
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+            try:
+                for sock in self.sockets:
+                    try:
+                        conn, _ = sock.accept()
+                    except OSError as exc:
+                        if exc.errno in (errno.EAGAIN, errno.EINTR, errno.ECONNABORTED):
+                            continue
+                        raise
+                    self.busy = True
+                    self._report(_BUSY)
+                    return conn
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+    def _serve(self, conn: socket.socket) -> None:
         conn.setblocking(True)
-        Session(conn, config, settings.copy(), creds, remote=remote).run()
-    except _Stop:
-        status = 0
-    except BaseException:
-        log.exception("session crashed")
-        status = 1
-    finally:
-        with contextlib.suppress(Exception):
-            sys.stdout.flush()
-            sys.stderr.flush()
-        os._exit(status)
+        remote = listen.is_remote(conn)
+        if remote:
+            with contextlib.suppress(OSError):
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        affinity = os.sched_getaffinity(0)
+        assert self.db is not None
+        Session(
+            conn, self.config, self.settings.copy(), peer_credentials(conn), remote=remote,
+            db=self.db,
+        ).run()  # fmt: skip
+        if os.sched_getaffinity(0) != affinity:
+            os.sched_setaffinity(0, affinity)

@@ -32,10 +32,11 @@ from guixsvc.protocol.server import (
 from guixsvc.protocol.store_api import StoreError
 from guixsvc.protocol.wire import ProtocolError
 from guixsvc.store.config import StoreConfig
+from guixsvc.store.db import StoreDatabase
 
 log = logging.getLogger("guix-daemon")
 
-RECV_SIZE = 256 * 1024
+RECV_SIZE = 64 * 1024
 #: ExportPath output is buffered like upstream's TunnelSink before going out as STDERR_WRITE.
 WRITE_BUFFER = 64 * 1024
 
@@ -53,24 +54,34 @@ class Session(SessionIO):
         creds: tuple[int, int, int] | None,
         *,
         remote: bool,
+        db: StoreDatabase | None = None,
     ) -> None:
         self.sock = sock
+        self.db = db
         self.config = config
         self.settings = settings
         self.remote = remote
         self.peer_pid, self.peer_uid, self.peer_gid = creds if creds else (-1, -1, -1)
         self.trusted = self.peer_uid in (0, os.getuid()) and not remote
         self.conn = ServerConnection(config.store)
+        self._rbuf = bytearray(RECV_SIZE)
+        self._rview = memoryview(self._rbuf)
         self.store: LocalStore | None = None
 
     # -- socket plumbing -----------------------------------------------------------------------
 
-    def _recv(self) -> None:
+    def _recv_view(self) -> memoryview:
+        """Receive into the session's reusable buffer (a fresh 256 KiB bytes object per
+        request costs an mmap/munmap pair); the view is valid until the next receive."""
         try:
-            data = self.sock.recv(RECV_SIZE)
+            n = self.sock.recv_into(self._rbuf)
         except ConnectionResetError:
-            data = b""
-        self.conn.receive_data(data)
+            n = 0
+        return self._rview[:n]
+
+    def _recv(self) -> None:
+        data = self._recv_view()
+        self.conn.receive_data(data if data else b"")
 
     def _flush(self) -> None:
         data = self.conn.data_to_send()
@@ -94,18 +105,15 @@ class Session(SessionIO):
 
     def feed_nar(self, consume: Callable[[memoryview], int], done: Callable[[], bool]) -> None:
         reader = self.conn.reader
-        data = reader.take_all()
+        data = memoryview(reader.take_all())
         while True:
             if data:
-                used = consume(memoryview(data))
+                used = consume(data)
                 if used < len(data):
-                    reader.unread(data[used:])
+                    reader.unread(bytes(data[used:]))
             if done():
                 return
-            try:
-                data = self.sock.recv(RECV_SIZE)
-            except ConnectionResetError:
-                data = b""
+            data = self._recv_view()
             if not data:
                 raise _ClientGone
 
@@ -203,6 +211,7 @@ class Session(SessionIO):
                 remote=self.remote,
                 build_output=self.log_build_output,
                 client_uid=self.peer_uid if self.peer_uid >= 0 else None,
+                db=self.db,
             )
             self.store.reserve_space(handshake.reserve_space)
             if self.peer_uid >= 0:

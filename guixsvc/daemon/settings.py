@@ -8,7 +8,7 @@ SetOptions to its copy (trusted clients may change any setting, untrusted ones o
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import pwd
 from dataclasses import dataclass, field
 
@@ -77,7 +77,7 @@ class Settings:
     debug: bool = False
 
     def copy(self) -> Settings:
-        return copy.deepcopy(self)
+        return dataclasses.replace(self, values=dict(self.values))
 
     def get(self, name: str, default: str = "") -> str:
         return self.values.get(name, default)

@@ -7,6 +7,7 @@ test agrees on one set of directories.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ class StoreConfig:
             conf_dir=env.get("GUIX_CONFIGURATION_DIRECTORY") or DEFAULT_CONF,
         )
 
-    @property
+    @functools.cached_property
     def store(self) -> StoreDir:
         return StoreDir(self.store_dir)
 

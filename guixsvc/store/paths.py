@@ -8,6 +8,7 @@ things live (spec store.md §2 and §4; upstream `nix/libstore/store-api.cc`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Iterable
@@ -128,6 +129,9 @@ class StoreDir:
 
     def parse(self, s: str) -> StorePath:
         """Parse an absolute store path strictly; raises InvalidStorePath."""
+        return _parse_cached(self, s)
+
+    def _parse(self, s: str) -> StorePath:
         prefix = self.path + "/"
         if not s.startswith(prefix):
             raise InvalidStorePath(s)
@@ -210,3 +214,8 @@ class StoreDir:
         """`makeOutputPath`: type `output:<id>`, name `drv_name` or `drv_name-<id>`."""
         name = drv_name if output == "out" else f"{drv_name}-{output}"
         return self.make_store_path(f"output:{output}", drv_hash, name)
+
+
+#: Sessions parse the same few paths over and over (every request names one); StorePath is
+#: immutable, so recent results are shared.  Failures are not cached.
+_parse_cached = functools.lru_cache(maxsize=8192)(StoreDir._parse)
