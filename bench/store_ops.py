@@ -98,6 +98,14 @@ class Result:
     cpu: float | None  # daemon CPU seconds (all its processes) per operation (or megabyte)
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(child) for child in text.split()]
+
+
 class CpuMeter:
     """CPU time of a daemon and every worker it forks, through a cgroup of its own.
 
@@ -124,7 +132,12 @@ class CpuMeter:
             path.mkdir(exist_ok=True)
             self.path = path
             self.origin = root / origin.lstrip("/")
+            # The daemon and the workers it already forked (ours pre-forks a pool); later
+            # workers are born in the cgroup.
             (path / "cgroup.procs").write_text(f"{pid}\n")
+            for child in _children(pid):
+                with contextlib.suppress(OSError):  # it may have exited meanwhile
+                    (path / "cgroup.procs").write_text(f"{child}\n")
         except OSError:
             self.close()
             self.path = None

@@ -219,6 +219,7 @@ class LocalStore:
             fsync=settings.get_bool("fsync-metadata"),
         )
         self._temp_roots: roots.TempRoots | None = None
+        self._rooted: set[str] = set()
         self._drv_hashes: dict[str, bytes] = {}
 
     def close(self) -> None:
@@ -674,7 +675,10 @@ class LocalStore:
     # -- roots and GC ------------------------------------------------------------------------------
 
     def add_temp_root(self, path: StorePath) -> None:
-        self._roots().add(self._path(path))
+        full = self._path(path)
+        if full not in self._rooted:  # a session's roots only grow: once is enough
+            self._roots().add(full)
+            self._rooted.add(full)
 
     def add_indirect_root(self, file_name: str) -> None:
         roots.add_indirect_root(
