@@ -4,9 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 LOCAL ?= $(CURDIR)/local
 APT_PACKAGES := nix-bin busybox-static libgcrypt20 guile-3.0 guile-gcrypt systemd \
-                libsystemd-dev pkg-config lzip zstd gzip util-linux
+                libsystemd-dev pkg-config lzip zstd gzip util-linux passwd procps \
+                debootstrap systemd-container
 
-.PHONY: run test setup setup-system lint bench clean
+.PHONY: run test e2e setup setup-system lint bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +39,10 @@ lint: setup
 test: setup
 	$(VENV)/bin/ruff check guixsvc tests bench
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
+
+# Only the end-to-end tests on a booted systemd (root; the first run debootstraps ~90 s).
+e2e: setup
+	$(VENV)/bin/python -m pytest -q -rs -p no:cacheprovider tests/e2e
 
 bench: setup
 	$(PY) bench/store_ops.py

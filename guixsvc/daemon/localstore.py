@@ -62,8 +62,34 @@ Logger = Callable[[int, str], None]
 _staging_counter = itertools.count()
 
 
+def make_store_writable(store_dir: str) -> None:
+    """Upstream's `makeStoreWritable`: when root finds the store on a read-only mount (the
+    `gnu-store.mount` unit makes it so for everybody else), remount it writable in a private
+    mount namespace of the daemon, inherited by every worker and build."""
+    if os.getuid() != 0:
+        return
+    if not os.statvfs(store_dir).f_flag & os.ST_RDONLY:
+        return
+    from guixsvc.daemon.build import sandbox
+
+    try:
+        sandbox.unshare(sandbox.CLONE_NEWNS)
+    except OSError as exc:
+        raise StoreError(
+            f"setting up a private mount namespace: {os.strerror(exc.errno or 0)}"
+        ) from None
+    try:
+        sandbox.mount("none", store_dir, "none", sandbox.MS_REMOUNT | sandbox.MS_BIND)
+    except OSError as exc:
+        raise StoreError(
+            f"remounting {store_dir} writable: {os.strerror(exc.errno or 0)}"
+        ) from None
+
+
 def initialise_store(config: StoreConfig, settings: Settings) -> None:
     """Create the store's directories and database (what upstream does when opening a store)."""
+    os.makedirs(config.store_dir, exist_ok=True)
+    make_store_writable(config.store_dir)
     for directory in (
         config.store_dir,
         os.path.join(config.store_dir, ".links"),
