@@ -75,6 +75,7 @@ class NeedData:
 
 
 NEED_DATA = NeedData()
+_OPS = {int(op): op for op in Op}
 
 
 class ServerConnection:
@@ -100,6 +101,10 @@ class ServerConnection:
     def next_event(self) -> Handshake | Request | NeedData:
         """The next complete event, or NEED_DATA.  Raises ProtocolError on malformed input."""
         reader = self.reader
+        if not reader.available():  # the usual case between requests: no exception needed
+            if self.eof:
+                raise EOFError
+            return NEED_DATA
         reader.mark()
         try:
             if self._state is _State.MAGIC:
@@ -121,10 +126,9 @@ class ServerConnection:
                 reader.compact()
                 return Handshake(version, cpu, reserve)
             raw = reader.read_int()
-            try:
-                op = Op(raw)
-            except ValueError:
-                raise ProtocolError(f"invalid operation {raw}") from None
+            op = _OPS.get(raw)
+            if op is None:
+                raise ProtocolError(f"invalid operation {raw}")
             args = REQUEST_READERS[op](reader, self.store_dir, minor(self.client_version))
         except Incomplete:
             reader.rewind()

@@ -202,7 +202,7 @@ def test_systemd_socket_activation(tmp_path: Path) -> None:
             assert len(c.query_all_valid_paths()) == 1
     finally:
         proc.terminate()
-        out = proc.communicate(timeout=10)[0].decode()
+        out = proc.communicate(timeout=30)[0].decode()
     assert "socket-activated with 1 socket(s)" in out
     # The daemon never created its default socket: it used the inherited one.
     assert not os.path.exists(os.path.join(env["GUIX_STATE_DIRECTORY"], "daemon-socket"))

@@ -55,17 +55,27 @@ BUILD = (
 from guixsvc.store.derivation import (Derivation, DerivationOutput, expected_output_paths,
                                       unparse_derivation)
 from guixsvc.store.paths import StoreDir
-busybox = sys.argv[1]
+import os, shutil, tempfile
+# busybox picks its applet from argv[0], which the daemon sets to the builder's base name: put it
+# in the store as a directory with a `bin/sh' link so that argv[0] is "sh".
+tree = tempfile.mkdtemp()
+os.mkdir(tree + "/bin")
+shutil.copy(sys.argv[1], tree + "/bin/busybox")
+os.symlink("busybox", tree + "/bin/sh")
 c = DaemonClient()
-bb = c.add_to_store("busybox", busybox, recursive=True)
-script = "echo built > $out; $busybox id -u >> $out; $busybox id -G >> $out"
+bb = c.add_to_store("busybox", tree, recursive=True)
+shutil.rmtree(tree)
+script = (
+    "echo built > $out; $busybox id -u >> $out; $busybox id -G >> $out;"
+    " $busybox hostname >> $out; echo $(test -e /opt && echo host-root || echo chroot) >> $out"
+)
 drv = Derivation(
     outputs={"out": DerivationOutput("")},
     input_srcs=frozenset([bb]),
     platform="x86_64-linux",
-    builder=bb,
-    args=["sh", "-c", script],
-    env={"out": "", "busybox": bb, "PATH": "/no-path"},
+    builder=bb + "/bin/sh",
+    args=["-c", script],
+    env={"out": "", "busybox": bb + "/bin/busybox", "PATH": "/no-path"},
 )
 out = expected_output_paths(StoreDir("/gnu/store"), "e2e-build", drv, None, {})["out"]
 out_path = "/gnu/store/" + out.base_name
@@ -143,9 +153,13 @@ report(path=p, valid=c.is_valid_path(p))
             skipped.append(f"build: {result['error']}")
         else:
             assert result["ok"], f"build failed: {result}"
-            built, uid, groups = result["content"].splitlines()[:3]
+            built, uid, groups, hostname, root = result["content"].splitlines()[:5]
             gid, build_uids = _group_ids(machine, "guixbuild")
             assert built == "built"
+            # The sandbox: its own UTS namespace (upstream names it "localhost") and a chroot
+            # without the machine's /opt.
+            assert hostname == "localhost", f"builder saw host name {hostname!r}"
+            assert root == "chroot", "the builder saw the machine's root file system"
             assert int(uid) in build_uids, f"builder ran as uid {uid}, not a guixbuild member"
             assert str(gid) in groups.split(), f"builder groups {groups} lack guixbuild {gid}"
 
