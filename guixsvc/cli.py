@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "archive": ("guixsvc.archive", "keys, export and import of store items (as guix archive)"),
     "gc": ("guixsvc.gc.cli", "collect garbage and query the store (as guix gc)"),
     "units": ("guixsvc.units", "render the systemd units"),
+    "discover": ("guixsvc.daemon.discover", "discover publish servers with Avahi (guix discover)"),
 }
 
 USAGE = (

@@ -223,6 +223,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _error(str(exc))
     for w in opts.warnings:
         sys.stderr.write(f"{PROG}: warning: {w}\n")
+    if opts.advertise:
+        from guixsvc import avahi
+
+        try:
+            avahi.require_dbus_fast()
+        except avahi.MissingDependency as exc:
+            return _error(str(exc))
     config = StoreConfig.from_env(daemon=False)
     public_path = opts.public_key or keys.public_key_file(config.conf_dir)
     secret_path = opts.private_key or keys.secret_key_file(config.conf_dir)
@@ -259,6 +266,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"{PROG}: publishing {config.store_dir} on {host}, port {port}\n")
     for kind, level in opts.compressions:
         sys.stderr.write(f"{PROG}: using '{kind}' compression method, level {level}\n")
+    if opts.advertise:
+        # Upstream's format string is "Advertising ~a~%." — the dot starts the next line.
+        sys.stderr.write(f"{PROG}: Advertising {avahi.service_name()}\n.")
     sys.stderr.flush()
     server = PublishServer(opts, config, secret=secret, public=public)
     server.run(sock)

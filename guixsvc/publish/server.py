@@ -685,12 +685,31 @@ class PublishServer:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, stop.set)
         flusher = asyncio.create_task(self._flush_log(stop))
+        advertiser = await self._advertise() if self.opts.advertise else None
         try:
             await stop.wait()
         finally:
             flusher.cancel()
+            if advertiser is not None:
+                await advertiser.close()
             await runner.cleanup()
             self.log.flush()
+
+    async def _advertise(self) -> Any:
+        """`--advertise`: register `_guix_publish._tcp` on `--port` with avahi-daemon."""
+        from guixsvc import avahi
+
+        def warn(text: str) -> None:
+            sys.stderr.write(f"guix publish: warning: {text}\n")
+            sys.stderr.flush()
+
+        advertiser = avahi.Advertiser(avahi.service_name(), self.opts.port, log=warn)
+        try:
+            await advertiser.start()
+        except avahi.AvahiError as exc:
+            warn(f"cannot advertise on the local network: {exc}")
+            return None
+        return advertiser
 
     async def _flush_log(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

@@ -217,6 +217,18 @@ def _busy(e: sqlite3.Error) -> bool:
     return code is not None and (code & 0xFF) in (_SQLITE_BUSY, _SQLITE_PROTOCOL)
 
 
+#: This process's pid, kept current across `os.fork` without a system call per query.
+_pid = os.getpid()
+
+
+def _after_fork_in_child() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class StoreDatabase:
     """The store database of one process (upstream `LocalStore`'s database part).
 
@@ -357,7 +369,7 @@ class StoreDatabase:
 
     def _connection(self) -> sqlite3.Connection:
         """This process's connection, opened on first use (and again after a fork)."""
-        pid = os.getpid()
+        pid = _pid
         if pid != self._pid:
             # We are a forked child: nothing of the parent's may be used or closed.
             if self._conn is not None:
@@ -422,7 +434,7 @@ class StoreDatabase:
 
     @property
     def in_transaction(self) -> bool:
-        return self._depth > 0 and self._pid == os.getpid()
+        return self._depth > 0 and self._pid == _pid
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:

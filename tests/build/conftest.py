@@ -129,6 +129,9 @@ class Builds:
     client: DaemonClient
     busybox: str  # the store directory holding bin/busybox and bin/sh
     logs: list[str]
+    #: Where the store's files really are, when the daemon sees them elsewhere (a store
+    #: bind-mounted in its own mount namespace).
+    real_store: str | None = None
 
     @property
     def store(self) -> StoreDir:
@@ -168,7 +171,13 @@ class Builds:
             env={**dict.fromkeys(outputs, ""), **(env or {})},
         )
         cache: dict[str, bytes] = {}
-        expected = expected_output_paths(self.store, name, drv, _read_drv, cache)
+
+        def read_drv(path: str) -> Derivation:
+            if self.real_store is not None:
+                path = self.real_store + path[len(self.daemon.store_dir) :]
+            return _read_drv(path)
+
+        expected = expected_output_paths(self.store, name, drv, read_drv, cache)
         for o, sp in expected.items():
             drv.outputs[o].path = self.store.display(sp)
             drv.env[o] = self.store.display(sp)

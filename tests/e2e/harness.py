@@ -104,3 +104,21 @@ def provision(machine: Machine, wheel: Path, rendered: Path, busybox: str | None
     if result.returncode != 0:
         raise RuntimeError(f"provisioning {machine.name} failed:\n{result.stdout}{result.stderr}")
     return time.monotonic() - started
+
+
+SUBNET = "192.168.1"
+
+
+def connect_zone(zone: str, machines: list[Machine]) -> dict[str, str]:
+    """Bring the zone's bridge up and address the machines on it; name → address."""
+    bridge = f"vz-{zone}"
+    subprocess.run(["ip", "link", "set", bridge, "up"], check=True)
+    addresses = {m.name: f"{SUBNET}.{n}" for n, m in enumerate(machines, 1)}
+    hosts = "".join(f"{addr} {name}\n" for name, addr in addresses.items())
+    for machine in machines:
+        machine.succeed(
+            "ip link set host0 up",
+            f"ip address add {addresses[machine.name]}/24 dev host0",
+            f"printf %s '{hosts}' >> /etc/hosts",
+        )
+    return addresses
