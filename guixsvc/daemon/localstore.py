@@ -738,25 +738,47 @@ class LocalStore:
             LVL_INFO, f"{freed / (1024 * 1024):.2f} MiB freed by hard-linking {linked} files"
         )
 
+    def _forget_vanished(self, path: str) -> bool:
+        """Invalidate a valid path that disappeared, unless something still refers to it."""
+        if [r for r in self.db.referrers(path) if r != path]:
+            self.message(LVL_ERROR, f"path `{path}' disappeared, but it still has valid referrers!")
+            return False
+        self.message(LVL_ERROR, f"path `{path}' disappeared, removing from database...")
+        self.db.invalidate_path(path)
+        return True
+
+    def _repair(self, path: str) -> bool:
+        """Substitute or rebuild a damaged valid path (upstream `repairPath`)."""
+        from guixsvc.daemon.build import scheduler
+
+        try:
+            scheduler.repair_path(self, path)
+        except StoreError as exc:
+            self.message(LVL_ERROR, f"error: {exc}")
+            return False
+        return True
+
     def verify_store(self, check_contents: bool, repair: bool) -> bool:
         if repair and not self.trusted:
             raise StoreError("you are not privileged to repair paths")
         errors = False
         self.message(LVL_ERROR, "reading the store...")
+        # Repairing builds or substitutes, which takes temp roots (and so the GC lock): it is
+        # done after the existence check has released the lock.
+        to_repair: list[str] = []
         with roots.GCLock(self.config.state_dir, exclusive=True):
             for path in self.db.all_valid_paths():
                 if os.path.lexists(path):
                     continue
-                live = [r for r in self.db.referrers(path) if r != path]
-                if live:
-                    self.message(
-                        LVL_ERROR,
-                        f"path `{path}' disappeared, but it still has valid referrers!",
-                    )
+                if repair:
+                    to_repair.append(path)
+                elif not self._forget_vanished(path):
                     errors = True
-                else:
-                    self.message(LVL_ERROR, f"path `{path}' disappeared, removing from database...")
-                    self.db.invalidate_path(path)
+        for path in to_repair:
+            if not self._repair(path):
+                with roots.GCLock(self.config.state_dir, exclusive=True):
+                    if not self._forget_vanished(path):
+                        errors = True
         if check_contents:
             self.message(LVL_ERROR, "checking hashes...")
             for path in self.db.all_valid_paths():
@@ -772,7 +794,6 @@ class LocalStore:
                         f"path `{path}' was modified! expected hash `{stored.hex()}', "
                         f"got `{actual.hex()}'",
                     )
-                    if repair:
-                        self.message(LVL_ERROR, f"cannot repair path `{path}'")
-                    errors = True
+                    if not repair or not self._repair(path):
+                        errors = True
         return errors
