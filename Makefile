@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 LOCAL ?= $(CURDIR)/local
 APT_PACKAGES := nix-bin busybox-static libgcrypt20 guile-3.0 guile-gcrypt systemd \
                 libsystemd-dev pkg-config lzip zstd gzip util-linux passwd procps \
-                debootstrap systemd-container
+                debootstrap systemd-container avahi-daemon avahi-utils dbus iproute2
 
 .PHONY: run test e2e setup setup-system lint bench clean
 

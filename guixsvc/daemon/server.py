@@ -23,7 +23,7 @@ import socket
 import struct
 import sys
 
-from guixsvc.daemon import listen
+from guixsvc.daemon import discover, listen
 from guixsvc.daemon.localstore import initialise_store
 from guixsvc.daemon.session import Session
 from guixsvc.daemon.settings import Settings
@@ -87,12 +87,16 @@ def run_daemon(settings: Settings, listen_specs: list[str]) -> int:
         return 1
     for sock in sockets:
         sock.setblocking(False)
+    # With --discover, `guix discover` runs beside the daemon (a child process: the main
+    # process forks workers, so no threads here).
+    discovery = discover.start_discovery(config, settings)
     pool = _Pool(sockets, config, settings)
     names = ", ".join(str(s.getsockname()) for s in sockets)
     log.info("accepting connections on %s", names)
     try:
         pool.run(ready=f"READY=1\nSTATUS=accepting connections on {names}")
     finally:
+        discover.stop(discovery)
         for sock in sockets:
             with contextlib.suppress(OSError):
                 sock.close()
