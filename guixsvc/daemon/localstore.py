@@ -653,30 +653,34 @@ class LocalStore:
 
     # -- substitutes (owned by guixsvc.daemon.substituter) ---------------------------------------
 
+    def may_substitute(self) -> bool:
+        """Substitutes are enabled and some server (configured or discovered) may have them."""
+        return bool(self.settings.substitute_urls()) or self.settings.discovers()
+
     def substitute(self, path: StorePath, *, repair: bool = False) -> bool:
         """Try to make `path` valid from a substitute; True when it is valid afterwards."""
-        if not self.settings.substitute_urls():
+        if not self.may_substitute():
             return False
         from guixsvc.daemon import substituter
 
         return substituter.for_store(self).substitute(path)
 
     def has_substitutes(self, path: StorePath) -> bool:
-        if not self.settings.substitute_urls():
+        if not self.may_substitute():
             return False
         from guixsvc.daemon import substituter
 
         return bool(substituter.for_store(self).have([path]))
 
     def query_substitutable_paths(self, paths: list[StorePath]) -> list[StorePath]:
-        if not paths or not self.settings.substitute_urls():
+        if not paths or not self.may_substitute():
             return []
         from guixsvc.daemon import substituter
 
         return substituter.for_store(self).have(paths)
 
     def query_substitutable_path_infos(self, paths: list[StorePath]) -> list[SubstitutablePathInfo]:
-        if not paths or not self.settings.substitute_urls():
+        if not paths or not self.may_substitute():
             return []
         from guixsvc.daemon import substituter
 

@@ -113,6 +113,10 @@ class Settings:
             if name in self.values:
                 self.get_int(name)
 
+    def discovers(self) -> bool:
+        """Substitutes are on and servers found by `guix discover` are to be used."""
+        return self.get_bool("build-use-substitutes") and self.get_bool("discover")
+
     def substitute_urls(self) -> list[str]:
         if not self.get_bool("build-use-substitutes"):
             return []

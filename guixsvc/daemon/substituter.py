@@ -207,9 +207,8 @@ class Substituter:
 
     def urls(self) -> list[str]:
         urls = self.store.settings.substitute_urls()
-        if urls and self.store.settings.get_bool("discover"):
-            discovered = self._discovered()
-            urls = discovered + urls
+        if self.store.settings.discovers():  # prepended even to an empty list, as upstream
+            urls = self._discovered() + urls
         return urls
 
     def _discovered(self) -> list[str]:

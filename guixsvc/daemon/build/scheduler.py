@@ -382,7 +382,7 @@ class Worker:
                     self.trace(f"@ build-failed {g.drv_path} - cached")
                     self._done(g, Result.CACHED_FAILURE)
                     return
-        if invalid and self.settings.substitute_urls() and substitutes_allowed(g.drv):
+        if invalid and self.store.may_substitute() and substitutes_allowed(g.drv):
             failed = 0
             for path in invalid:
                 ok = self._repair_substitute(path) if repair else self._substitute_counted(path)
@@ -453,7 +453,7 @@ class Worker:
         """Upstream `SubstitutionGoal` with `repair`: fetch `path` again into `<path>.tmp` and
         swap it in with `replace_valid_path`, then register its hash and size.  True on
         success, False when the substitution failed, None when no server has the item."""
-        if not self.settings.substitute_urls():
+        if not self.store.may_substitute():
             return None
         from guixsvc.daemon import substituter
         from guixsvc.store.narinfo import best_entries

@@ -3,10 +3,12 @@
 * After boot nothing of ours runs but the sockets (and the read-only store mount): the daemon
   service is inactive and the store is read-only for everyone else.
 * The first client connection starts guix-daemon (Type=notify, so `active` means READY=1).
-* A derivation built by the daemon runs in the sandbox as a member of `guixbuild` (skipped while
-  BuildPaths answers "not implemented yet").
+* A derivation built by the daemon (busybox's sh from the store as its builder) runs as a member
+  of `guixbuild` (skipped while BuildPaths answers "not implemented yet").
+* The build ran in the sandbox: its own UTS namespace (host name "localhost") and a chroot.
 * `systemctl restart guix-daemon` while a client holds an idle session: the session survives and
-  keeps working (KillMode=process), new clients reach the new daemon through the same socket.
+  keeps working (KillMode=process), the old daemon's idle workers are gone, and new clients reach
+  the new daemon through the same socket.
 """
 
 from __future__ import annotations
@@ -98,6 +100,14 @@ def _group_ids(machine: Any, group: str) -> tuple[int, list[int]]:
     return int(entry[2]), uids
 
 
+def _service_processes(machine: Any) -> set[str]:
+    """PIDs in the unit's control group, from /proc (the cgroup file system's layout differs
+    between the unified and the hybrid hierarchy)."""
+    group = unit_property(machine, "guix-daemon.service", "ControlGroup")
+    out = machine.succeed(f"grep -lx -- '[0-9]*:[^:]*:{group}' /proc/[0-9]*/cgroup || true")
+    return {line.split("/")[2] for line in out.split()}
+
+
 def run(machine: Any, *, busybox: str | None = None, python: str = "python3") -> list[str]:
     """Returns the steps that were skipped (with reasons); raises on failures."""
     skipped: list[str] = []
@@ -172,10 +182,18 @@ report(path=p, valid=c.is_valid_path(p))
     machine.wait_for_file("/run/e2e-idle/ready", timeout=60)
     ready = json.loads(machine.succeed("cat /run/e2e-idle/ready"))
     old_main = unit_property(machine, "guix-daemon.service", "MainPID")
+    old_procs = _service_processes(machine)
+    assert old_main in old_procs, f"main PID {old_main} not among {sorted(old_procs)}"
     machine.succeed("systemctl restart guix-daemon.service")
     machine.wait_for_unit("guix-daemon.service")
     new_main = unit_property(machine, "guix-daemon.service", "MainPID")
     assert new_main != old_main, "guix-daemon was not restarted"
+    # Of the old daemon only the idle session's worker is left: its idle pre-forked workers
+    # went away with it, so no new client can reach old code.
+    left = old_procs & _service_processes(machine)
+    assert len(left) == 1 and old_main not in left, (
+        f"old daemon processes left after the restart: {sorted(left)} (old main {old_main})"
+    )
     # The idle session's client is still connected (its worker was left running).
     machine.succeed(f"kill -0 {ready['pid']}")
     # A new client gets the new daemon through the same socket.

@@ -35,7 +35,8 @@ PORT = 8181
 URL = f"http://server:{PORT}"
 CONF_DIR = "/etc/guix"
 
-# On the server: a closure of three store items, rooted so nothing collects it meanwhile.
+# On the server: a closure of three store items, rooted (while this session's temporary roots
+# still hold them) so that no collection takes them away meanwhile.
 MAKE_CLOSURE = (
     CLIENT_PRELUDE
     + r"""
@@ -54,6 +55,10 @@ data = c.add_to_store("e2e-publish-data", tree, recursive=True)
 shutil.rmtree(tree)
 mid = c.add_text_to_store("e2e-publish-mid", "uses " + data + "\n", [data])
 top = c.add_text_to_store("e2e-publish-top", "uses " + mid + "\n", [mid])
+os.makedirs("/var/guix/gcroots", exist_ok=True)
+if os.path.lexists("/var/guix/gcroots/e2e-publish"):
+    os.unlink("/var/guix/gcroots/e2e-publish")
+os.symlink(top, "/var/guix/gcroots/e2e-publish")
 report(paths=[data, mid, top])
 """
 )
@@ -170,7 +175,6 @@ def run(server: Any, client: Any, *, python: str = "python3") -> list[str]:
     already_running = is_active(server, "guix-publish.service")
     key_existed = server.execute(f"test -e {CONF_DIR}/signing-key.sec")[0] == 0
     paths = py(server, MAKE_CLOSURE, python=python)["paths"]
-    server.succeed(f"mkdir -p /var/guix/gcroots && ln -sfn {paths[-1]} /var/guix/gcroots/e2e-pub")
 
     # The first request, from the other machine, starts guix-publish.
     if already_running:
@@ -225,7 +229,7 @@ def run(server: Any, client: Any, *, python: str = "python3") -> list[str]:
     for machine in (server, client):
         machine.succeed(
             f"test -x {data}/bin/tool",
-            f"test \"$(readlink {data}/share/doc/tool)\" = ../../bin/tool",
+            f'test "$(readlink {data}/share/doc/tool)" = ../../bin/tool',
         )
     listing = f"cd {data} && find . -printf '%p %y %m\\n' | sort && sha256sum bin/tool"
     assert client.succeed(listing) == server.succeed(listing)
