@@ -78,6 +78,8 @@ def provision(machine: Machine, wheel: Path, rendered: Path, busybox: str | None
     shutil.copy2(wheel, target / wheel.name)
     if busybox:
         shutil.copy2(busybox, target / "busybox")
+    # systemd sets the host name from /etc/hostname, over nspawn's --hostname.
+    (root / "etc/hostname").write_text(f"{machine.name}\n")
     units_dir = root / "etc/systemd/system"
     for unit in sorted((rendered / "units").iterdir()):
         shutil.copy2(unit, units_dir / unit.name)
@@ -121,4 +123,28 @@ def connect_zone(zone: str, machines: list[Machine]) -> dict[str, str]:
             f"ip address add {addresses[machine.name]}/24 dev host0",
             f"printf %s '{hosts}' >> /etc/hosts",
         )
+    # Reachability without touching the peers' services: a connection to a closed port is
+    # refused at once when packets flow.  A host firewall that filters bridged traffic (Docker's
+    # FORWARD policy with br_netfilter) drops them instead.
+    probe = (
+        "python3 -c 'import socket, sys\n"
+        "try: socket.create_connection((sys.argv[1], 9), 2)\n"
+        "except ConnectionRefusedError: sys.exit(0)\n"
+        "except OSError: sys.exit(1)\n"
+        "sys.exit(2)' "
+    )
+    first, *others = machines
+    for other in others:
+        try:
+            first.wait_until_succeeds(probe + other.name, timeout=20)
+        except AssertionError as exc:
+            nf = Path("/proc/sys/net/bridge/bridge-nf-call-iptables")
+            hint = f"; {nf} = {nf.read_text().strip()}" if nf.exists() else ""
+            raise NetworkUnavailable(
+                f"{first.name} cannot reach {other.name} over bridge {bridge}{hint}: {exc}"
+            ) from None
     return addresses
+
+
+class NetworkUnavailable(Exception):
+    """The machines' private network does not carry packets on this host."""

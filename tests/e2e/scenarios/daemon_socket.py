@@ -69,7 +69,8 @@ bb = c.add_to_store("busybox", tree, recursive=True)
 shutil.rmtree(tree)
 script = (
     "echo built > $out; $busybox id -u >> $out; $busybox id -G >> $out;"
-    " $busybox hostname >> $out; echo $(test -e /opt && echo host-root || echo chroot) >> $out"
+    " $busybox hostname >> $out;"
+    " echo $(test -e /etc/shadow && echo host-root || echo chroot) >> $out"
 )
 drv = Derivation(
     outputs={"out": DerivationOutput("")},
@@ -167,7 +168,7 @@ report(path=p, valid=c.is_valid_path(p))
             gid, build_uids = _group_ids(machine, "guixbuild")
             assert built == "built"
             # The sandbox: its own UTS namespace (upstream names it "localhost") and a chroot
-            # without the machine's /opt.
+            # (whose /etc has passwd and group files for the build, but no shadow file).
             assert hostname == "localhost", f"builder saw host name {hostname!r}"
             assert root == "chroot", "the builder saw the machine's root file system"
             assert int(uid) in build_uids, f"builder ran as uid {uid}, not a guixbuild member"

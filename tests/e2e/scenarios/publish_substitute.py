@@ -6,7 +6,8 @@
   system-call filter; in its namespaces and with its user and group it cannot read /etc/shadow,
   cannot write the file system outside its own directories, and cannot open a TCP connection out
   (its network namespace has no route anywhere).
-* `client`, which does not trust the server's key yet, refuses its substitutes; once the key is
+* `client` fetches the signed narinfo of the closure's top but, not trusting the server's key
+  yet, refuses its substitutes; once the key is
   authorised (`guix archive --authorize`, skipped when the ACL already holds it, as on NixOS where
   /etc/guix/acl is read-only) it substitutes a closure of three items (a directory with an
   executable, a symlink and 1 MiB of incompressible data, and two text items referring to it)
@@ -199,6 +200,11 @@ def run(server: Any, client: Any, *, python: str = "python3") -> list[str]:
         server.succeed("journalctl --no-pager -u guix-publish-keygen.service | grep -q generated")
 
     _check_lockdown(server, python)
+
+    # The client reaches the signed narinfo, so a refusal below is about trust, not reach.
+    hash_part = paths[-1].removeprefix("/gnu/store/").split("-", 1)[0]
+    narinfo = client.succeed(fetch.replace("/nix-cache-info", f"/{hash_part}.narinfo"))
+    assert f"StorePath: {paths[-1]}\n" in narinfo and "\nSignature: 1;" in narinfo, narinfo
 
     public_key = server.succeed(f"cat {CONF_DIR}/signing-key.pub")
     quoted_key = shlex.quote(public_key)
