@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +17,7 @@ from guixsvc.daemon.gc import Collector, GCOutcome
 from guixsvc.protocol.ops import GCAction
 from guixsvc.store.db import StoreDatabase, ValidPathInfo
 from guixsvc.store.paths import StoreDir
-from tests.conftest import Daemon, start_daemon, stop_daemon
+from tests.conftest import Daemon
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -124,38 +122,3 @@ def run_gc(daemon: Daemon, *args: str, timeout: float = 120) -> subprocess.Compl
         cwd=str(ROOT),
         check=False,
     )
-
-
-def wait_ready(daemon: Daemon, timeout: float = 20.0) -> None:
-    """Wait until the daemon accepts connections (its socket file exists before listen())."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            try:
-                s.connect(daemon.socket)
-                return
-            except ConnectionRefusedError:
-                if time.monotonic() > deadline:
-                    raise
-        time.sleep(0.02)
-
-
-def start_ready_daemon(root: Path, *flags: str) -> Daemon:
-    d = start_daemon(root, *flags)
-    try:
-        wait_ready(d)
-    except BaseException:
-        stop_daemon(d)
-        raise
-    return d
-
-
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    """tests/conftest.py's daemon, but only handed out once it accepts connections."""
-    d = start_ready_daemon(tmp_path)
-    try:
-        yield d
-    finally:
-        stop_daemon(d)
-        assert d.process.returncode == 0, d.stderr()

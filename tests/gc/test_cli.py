@@ -15,8 +15,8 @@ from guixsvc.gc import profiles
 from guixsvc.gc.cli import _Unrecognized, direct_store_path, parse_args
 from guixsvc.gc.units import UsageError, number_to_size, parse_duration, size_to_number
 from guixsvc.store.db import StoreDatabase, ValidPathInfo
-from tests.conftest import Daemon, stop_daemon
-from tests.gc.conftest import run_gc, start_ready_daemon
+from tests.conftest import Daemon, start_daemon, stop_daemon
+from tests.gc.conftest import run_gc
 
 GUILE_GUIX = "/work/guile-client/bin/guix"
 
@@ -210,7 +210,7 @@ def test_collect_min_and_freed_message(daemon: Daemon) -> None:
 
 
 def test_daemon_keep_derivations_flag(tmp_path: Path) -> None:
-    d = start_ready_daemon(tmp_path, "--gc-keep-derivations=no")
+    d = start_daemon(tmp_path, "--gc-keep-derivations=no")
     try:
         drv = d.store_dir + "/" + "2" * 32 + "-thing.drv"
         with open(drv, "w") as f:
@@ -265,7 +265,7 @@ def test_free_space_on_small_store(tmp_path: Path) -> None:
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount tmpfs: {mounted.stderr.decode().strip()}")
     try:
-        d = start_ready_daemon(tmp_path, "--disable-deduplication")
+        d = start_daemon(tmp_path, "--disable-deduplication")
         try:
             with d.client() as c:
                 items = [c.add_text_to_store(f"blob{i}", os.urandom(512 * 1024).hex())
