@@ -595,9 +595,19 @@ _GUILE_PRELUDE = """
 
 
 @needs_guile
+def _key_without_nul() -> Key:
+    """A fresh public key whose canonical form has no NUL byte: Guile-Gcrypt passes canonical
+    S-expressions to libgcrypt as C strings (`string->pointer`), so about one random key in
+    eight (a zero byte in `q`) cannot go through the Guile oracle at all."""
+    while True:
+        key = Key.parse(keys.generate_key_pair()[0])
+        if b"\0" not in key.to_canonical():
+            return key
+
+
 def test_acl_bytes_match_guile(test_public: Key) -> None:
     """``public-keys->acl`` + ``write-acl`` (newer pki.scm, with delete-duplicates)."""
-    other = Key.parse(keys.generate_key_pair()[0])
+    other = _key_without_nul()
     inputs = [other.to_canonical(), test_public.to_bytes(), other.to_bytes()]
     script = (
         _GUILE_PRELUDE
