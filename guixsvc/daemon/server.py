@@ -14,6 +14,7 @@ trust, CPU affinity) is made anew for every connection.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import logging
 import os
@@ -41,6 +42,9 @@ MIN_IDLE = 2
 MAX_IDLE = 16
 #: A worker exits after this many sessions, bounding what a long-lived process accumulates.
 SESSIONS_PER_WORKER = 10_000
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def peer_credentials(conn: socket.socket) -> tuple[int, int, int] | None:
@@ -182,15 +186,19 @@ class _Pool:
             self._spawn()
 
     def _spawn(self) -> None:
+        # No stop signal between fork() and recording the worker, or it would never be told.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        parent = os.getpid()
         pid = os.fork()
         if pid:
             self.workers.add(pid)
             self.idle.add(pid)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
             return
         status = 0
         try:
             os.close(self.status_r)
-            _Worker(self.sockets, self.status_w, self.config, self.settings).run()
+            _Worker(self.sockets, self.status_w, self.config, self.settings, parent).run()
         except BaseException:  # a worker must never return into the main loop
             log.exception("worker crashed")
             status = 1
@@ -210,9 +218,11 @@ class _Worker:
         status_w: int,
         config: StoreConfig,
         settings: Settings,
+        parent: int,
     ) -> None:
         self.sockets = sockets
         self.status_w = status_w
+        self.parent = parent
         self.config = config
         self.settings = settings
         self.busy = False
@@ -234,6 +244,12 @@ class _Worker:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, self._on_term)
+        # Told to stop when the main process dies however it dies (an idle worker exits, a busy
+        # one finishes its session), then take stop signals again.
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        if os.getppid() != self.parent:
+            return
         os.setsid()
         self.db = StoreDatabase.open(
             self.config.db_dir,

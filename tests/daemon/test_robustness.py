@@ -206,3 +206,33 @@ def test_systemd_socket_activation(tmp_path: Path) -> None:
     assert "socket-activated with 1 socket(s)" in out
     # The daemon never created its default socket: it used the inherited one.
     assert not os.path.exists(os.path.join(env["GUIX_STATE_DIRECTORY"], "daemon-socket"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_workers_follow_the_main_process(tmp_path: Path) -> None:
+    """However the main process dies, idle workers exit; a busy one finishes its session."""
+    d = start_daemon(tmp_path)
+    try:
+        client = d.client()
+        client.add_text_to_store("before", b"x")
+        with open(f"/proc/{d.process.pid}/task/{d.process.pid}/children") as f:
+            workers = [int(pid) for pid in f.read().split()]
+        assert len(workers) >= 2  # the busy one and at least one idle
+        d.process.kill()
+        d.process.wait()
+        with client:
+            time.sleep(0.5)
+            assert client.is_valid_path(client.add_text_to_store("after", b"y"))
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in workers):
+            assert time.monotonic() < deadline, [p for p in workers if _alive(p)]
+            time.sleep(0.05)
+    finally:
+        stop_daemon(d)
