@@ -77,16 +77,17 @@ def run_daemon(settings: Settings, listen_specs: list[str]) -> int:
     if os.geteuid() != 0 and settings.get_bool("build-use-chroot"):
         log.warning("warning: not running as root: builds will not be isolated (chroot disabled)")
         settings.set("build-use-chroot", "false")
-    try:
-        sockets = listen.listening_sockets(listen_specs, config.socket_path)
-    except listen.ListenError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 1
-    # Open the store once here so that a broken store is reported at start-up rather than to
-    # the first client; the database handle is closed before any fork.
+    # Open the store once here, before listening: a broken store is reported at start-up rather
+    # than to the first client, and whoever can connect finds the database created (in WAL
+    # mode) already.  The database handle is closed before any fork.
     try:
         initialise_store(config, settings)
     except Exception as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 1
+    try:
+        sockets = listen.listening_sockets(listen_specs, config.socket_path)
+    except listen.ListenError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 1
     for sock in sockets:
