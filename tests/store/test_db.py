@@ -501,13 +501,12 @@ def test_concurrent_writers(db: StoreDatabase, db_dir: str) -> None:
         assert d.references(sp(10_000 + n - 1)) == [sp(10_000 + n - 2)]
 
 
-def test_bulk_registration_is_fast(db: StoreDatabase) -> None:
+def test_bulk_registration(db: StoreDatabase) -> None:
+    """5000 paths with references in one call (speed is measured in bench/, not here)."""
     n = 5000
     infos = [info(i, tuple(range(max(0, i - 3), i))) for i in range(n)]
-    start = time.perf_counter()
     db.register_valid_paths(infos)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 5.0, f"registering {n} paths took {elapsed:.2f}s"
+    assert len(db.all_valid_paths()) == n
     assert db.referrers(sp(0)) == sorted([sp(1), sp(2), sp(3)])
 
 
