@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from guixsvc.pki import keys
+from guixsvc.store import base32
 from tests.publish.test_publish import node  # noqa: F401 - the fixture
 from tests.substitutes.helpers import Node
 
@@ -51,3 +52,53 @@ def test_upstream_guile_accepts_our_narinfos(node: dict[str, object], tmp_path: 
     assert f"{node['url']}/nar/zstd/" in out or f"{node['url']}/nar/gzip/" in out
     check(str(tmp_path / "acl"), "invalid", bad)
     check(str(tmp_path / "empty-acl"), "invalid", good)
+
+
+def _substitute(guix: str, mode: str, commands: str, env: dict[str, str], reply: Path) -> str:
+    """Run upstream `guix substitute MODE` with COMMANDS on stdin; its replies go to fd 4."""
+    subprocess.run(
+        ["sh", "-c", 'exec "$0" substitute "$1" 4>"$2"', guix, mode, str(reply)],
+        input=commands, env=env, capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    return reply.read_text()
+
+
+def test_upstream_guix_substitute_downloads_from_us(
+    node: dict[str, object],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """The real `guix substitute` (the daemon's helper in upstream Guix) queries our server and
+    downloads, checks and unpacks a store item from it; with an empty ACL it sees nothing."""
+    guix = os.environ.get("GUIX_UPSTREAM_GUIX")
+    if not guix:
+        pytest.skip("set GUIX_UPSTREAM_GUIX to an upstream `guix` command (uninstalled is fine)")
+    n = node["n"]
+    assert isinstance(n, Node)
+    dep, top = str(node["dep"]), str(node["top"])
+    missing = os.path.dirname(dep) + "/" + "0" * 32 + "-missing"
+    conf = tmp_path / "etc"
+    conf.mkdir()
+    keys.Acl([keys.load_key(n.conf / "signing-key.pub")]).save(str(conf / "acl"))
+    env = dict(
+        os.environ,
+        NIX_STORE_DIR=os.path.dirname(dep),
+        GUIX_STATE_DIRECTORY=str(tmp_path / "state"),
+        GUIX_CONFIGURATION_DIRECTORY=str(conf),
+        XDG_CACHE_HOME=str(tmp_path / "cache"),
+        _NIX_OPTIONS=f"substitute-urls={node['url']}\n",
+    )
+    (tmp_path / "state").mkdir()
+    have = _substitute(guix, "--query", f"have {dep} {top} {missing}\n", env, tmp_path / "r1")
+    assert sorted(have.split()) == sorted([dep, top])
+    info = _substitute(guix, "--query", f"info {top}\n", env, tmp_path / "r2")
+    assert top in info.split() and dep in info.split()
+    dest = tmp_path / "dest"
+    result = _substitute(guix, "--substitute", f"substitute {dep} {dest}\n", env, tmp_path / "r3")
+    infos = node["infos"]
+    assert isinstance(infos, dict)
+    expected = base32.encode(bytes.fromhex(infos[dep].nar_hash))
+    assert result.split()[:2] == ["success", f"sha256:{expected}"]
+    assert subprocess.run(["diff", "-r", dep, str(dest)], check=False).returncode == 0
+    keys.Acl().save(str(conf / "acl"))
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache2")
+    assert _substitute(guix, "--query", f"have {dep}\n", env, tmp_path / "r4").split() == []
