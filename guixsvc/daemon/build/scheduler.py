@@ -568,15 +568,7 @@ class Worker:
             return False
 
     def closure(self, paths: set[str]) -> set[str]:
-        seen: set[str] = set()
-        todo = list(paths)
-        while todo:
-            p = todo.pop()
-            if p in seen:
-                continue
-            seen.add(p)
-            todo.extend(r for r in self.db.references(p) if r not in seen)
-        return seen
+        return self.closure_with({})(paths)
 
     def _try_to_build(self, g: Goal) -> bool:
         """Lock the outputs and start the builder; False if it has to wait or finished."""
