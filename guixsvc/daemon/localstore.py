@@ -18,6 +18,7 @@ import pwd
 import shutil
 import stat
 from collections.abc import Callable
+from typing import TypeVar
 
 from guixsvc.daemon.settings import Settings, SettingsError
 from guixsvc.protocol.ops import (
@@ -37,7 +38,14 @@ from guixsvc.protocol.store_api import (
     SubstitutablePathInfo,
     WriteSink,
 )
-from guixsvc.protocol.wire import ProtocolError, encode_int, encode_string, encode_strings
+from guixsvc.protocol.wire import (
+    Incomplete,
+    ProtocolError,
+    WireReader,
+    encode_int,
+    encode_string,
+    encode_strings,
+)
 from guixsvc.store import base32, nar, roots
 from guixsvc.store.canonical import canonicalise
 from guixsvc.store.config import StoreConfig
@@ -47,6 +55,7 @@ from guixsvc.store.derivation import (
     DerivationError,
     check_derivation_outputs,
     parse_derivation,
+    read_derivation,
 )
 from guixsvc.store.hashes import UnknownHashType, new_hasher, parse_db_hash
 from guixsvc.store.locks import PathLocks
@@ -60,6 +69,7 @@ LVL_ERROR, LVL_INFO, LVL_TALKATIVE, LVL_CHATTY, LVL_DEBUG = range(5)
 Logger = Callable[[int, str], None]
 
 _staging_counter = itertools.count()
+T = TypeVar("T")
 
 
 def make_store_writable(store_dir: str) -> None:
@@ -175,41 +185,35 @@ class _FlatSink:
 
 
 class _Source:
-    """Reads ImportPaths' stream through STDERR_READ, hashing what it consumes when asked."""
+    """ImportPaths' stream, pulled through STDERR_READ into the protocol's WireReader."""
 
     def __init__(self, read: ReadSource) -> None:
         self.read = read
-        self.buf = b""
-        self.hasher: hashlib._Hash | None = None
+        self.reader = WireReader()
 
-    def take(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            self.buf += self.read(READ_CHUNK)
-        data, self.buf = self.buf[:n], self.buf[n:]
-        if self.hasher is not None:
-            self.hasher.update(data)
-        return data
-
-    def u64(self) -> int:
-        return int.from_bytes(self.take(8), "little")
-
-    def string(self, limit: int = 1 << 20) -> str:
-        n = self.u64()
-        if n > limit:
-            raise StoreError("string is too long")
-        data = self.take(n + (-n) % 8)
-        return data[:n].decode("utf-8", "surrogateescape")
-
-    def strings(self) -> list[str]:
-        return [self.string() for _ in range(self.u64())]
+    def value(self, decode: Callable[[WireReader], T]) -> T:
+        """Decode one value, asking the client for more bytes until it is complete."""
+        reader = self.reader
+        while True:
+            reader.mark()
+            try:
+                result = decode(reader)
+            except Incomplete:
+                reader.rewind()
+                reader.feed(self.read(READ_CHUNK))
+                continue
+            except ProtocolError as exc:  # bad archive data, not bad framing: recoverable
+                raise StoreError(str(exc)) from None
+            reader.compact()
+            return result
 
     def feed_nar(self, parser: nar.NarParser, hasher: hashlib._Hash) -> None:
         while not parser.done:
-            if not self.buf:
-                self.buf = self.read(READ_CHUNK)
-            used = parser.feed(self.buf)
-            hasher.update(self.buf[:used])
-            self.buf = self.buf[used:]
+            data = self.reader.take_all() or self.read(READ_CHUNK)
+            used = parser.feed(data)
+            hasher.update(data[:used])
+            if used < len(data):
+                self.reader.unread(data[used:])
 
 
 class LocalStore:
@@ -310,12 +314,10 @@ class LocalStore:
     def _read_drv(self, path: str) -> Derivation:
         if not self.db.is_valid(path):
             raise StoreError(f"path `{path}' is not valid")
-        with open(path, "rb") as f:
-            data = f.read()
         try:
-            return parse_derivation(data)
+            return read_derivation(path)
         except DerivationError as exc:
-            raise StoreError(f"error parsing derivation `{path}': {exc}") from None
+            raise StoreError(str(exc)) from None
 
     def _register_derivation(self, sp: StorePath, contents: bytes) -> None:
         path = self._path(sp)
@@ -443,8 +445,8 @@ class LocalStore:
                 view = view[os.write(fd, view) :]
         finally:
             os.close(fd)
-        nar_hash = hashlib.sha256(nar.dump_regular(contents)).digest()
-        nar_size = len(nar.dump_regular(b"")) + len(contents) + (-len(contents)) % 8
+        archive = nar.dump_regular(contents)
+        nar_hash, nar_size = hashlib.sha256(archive).digest(), len(archive)
         self._install(sp, staged, references, nar_hash=nar_hash, nar_size=nar_size)
         return sp
 
@@ -560,7 +562,7 @@ class LocalStore:
         source = _Source(read)
         imported: list[StorePath] = []
         while True:
-            marker = source.u64()
+            marker = source.value(WireReader.read_u64)
             if marker == 0:
                 return imported
             if marker != 1:
@@ -579,18 +581,24 @@ class LocalStore:
                     source.feed_nar(parser, record)
                 except nar.NarError as exc:
                     raise StoreError(str(exc)) from None
-            source.hasher = record
-            if source.u64() != EXPORT_MAGIC:
+            if source.value(WireReader.read_u64) != EXPORT_MAGIC:
                 raise StoreError("normalized archive cannot be imported; wrong format")
-            dest = source.string()
-            refs = source.strings()
-            deriver = source.string()
-            source.hasher = None
+            dest = source.value(WireReader.read_string)
+            refs = source.value(WireReader.read_strings)
+            deriver = source.value(WireReader.read_string)
+            # The signed hash covers the record up to the deriver: the NAR bytes as received,
+            # then the trailer, whose encoding is canonical (zero padding is enforced).
+            record.update(
+                encode_int(EXPORT_MAGIC)
+                + encode_string(dest)
+                + encode_strings(refs)
+                + encode_string(deriver)
+            )
             digest = record.digest()
-            if source.u64() != 1:
+            if source.value(WireReader.read_u64) != 1:
                 raise StoreError(f"imported archive of `{dest}' lacks a signature")
-            signature = source.string(limit=1 << 16)
-            self._check_signature(signature.encode("utf-8", "surrogateescape"), digest)
+            signature = source.value(lambda r: r.read_bytes(1 << 16))
+            self._check_signature(signature, digest)
             try:
                 sp = self._parse(dest)
                 ref_paths = [self._parse(r) for r in refs]

@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
 import random
 import stat
-import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from guixsvc.store import base32
+from guixsvc.store import base32, nar
 from guixsvc.store.canonical import canonicalise_timestamp_and_permissions, make_writable
 from guixsvc.store.locks import (
     LVL_CHATTY,
@@ -50,62 +48,22 @@ __all__ = [
 DEDUPLICATION_MIN_SIZE = 8192
 LINKS_DIR = ".links"
 
-_CHUNK = 1 << 20
-
-
-def _nar_str(data: bytes) -> bytes:
-    return struct.pack("<Q", len(data)) + data + b"\0" * (-len(data) % 8)
-
-
-_NAR_REGULAR = b"".join(_nar_str(t) for t in (b"nix-archive-1", b"(", b"type", b"regular"))
-_NAR_EXECUTABLE = _nar_str(b"executable") + _nar_str(b"")
-_NAR_CONTENTS = _nar_str(b"contents")
-_NAR_CLOSE = _nar_str(b")")
-
-
-class _ShortRead(Exception):
-    pass
-
-
-def _nar_hash_fd(fd: int, size: int, executable: bool) -> bytes:
-    h = hashlib.sha256()
-    h.update(_NAR_REGULAR)
-    if executable:
-        h.update(_NAR_EXECUTABLE)
-    h.update(_NAR_CONTENTS)
-    h.update(struct.pack("<Q", size))
-    buf = bytearray(min(_CHUNK, max(size, 1)))
-    view = memoryview(buf)
-    left = size
-    while left:
-        n = os.readv(fd, [view[: min(left, len(buf))]])
-        if n == 0:
-            raise _ShortRead
-        h.update(view[:n])
-        left -= n
-    h.update(b"\0" * (-size % 8))
-    h.update(_NAR_CLOSE)
-    return h.digest()
-
 
 def nar_hash_regular_file(path: str) -> bytes:
-    """SHA-256 of the NAR serialisation of the regular file `path` (symlinks not followed)."""
+    """SHA-256 of the NAR serialisation of the regular file `path` (symlinks not followed):
+    the `.links` key, so the executable bit is part of it."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        st = os.lstat(path)
     except OSError as e:
         raise SysError(f"opening file `{path}'", e.errno) from e
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"`{path}' is not a regular file")
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ValueError(f"`{path}' is not a regular file")
-        try:
-            return _nar_hash_fd(fd, st.st_size, bool(st.st_mode & stat.S_IXUSR))
-        except _ShortRead:
-            raise OSError(errno.EIO, f"reading file `{path}': unexpected end-of-file") from None
-        except OSError as e:
-            raise SysError(f"reading file `{path}'", e.errno) from e
-    finally:
-        os.close(fd)
+        return nar.hash_path(path)[0]
+    except nar.NarError as e:
+        raise OSError(errno.EIO, f"reading file `{path}': {e}") from None
+    except OSError as e:
+        raise SysError(f"reading file `{path}'", e.errno) from e
 
 
 @dataclass

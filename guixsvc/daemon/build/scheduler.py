@@ -31,7 +31,7 @@ from guixsvc.protocol.store_api import StoreError
 from guixsvc.store import nar
 from guixsvc.store.canonical import canonicalise
 from guixsvc.store.db import ValidPathInfo
-from guixsvc.store.derivation import Derivation, DerivationError, parse_derivation
+from guixsvc.store.derivation import Derivation, DerivationError, read_derivation
 from guixsvc.store.hashes import parse_db_hash
 from guixsvc.store.locks import PathLocks
 from guixsvc.store.optimise import optimise_path
@@ -192,12 +192,10 @@ class Worker:
     # -- goals -------------------------------------------------------------------------------
 
     def _read_drv(self, path: str) -> Derivation:
-        with open(path, "rb") as f:
-            data = f.read()
         try:
-            return parse_derivation(data)
+            return read_derivation(path)
         except DerivationError as exc:
-            raise StoreError(f"error parsing derivation `{path}': {exc}") from None
+            raise StoreError(str(exc)) from None
 
     def goal(self, drv_path: str, wanted: set[str] | None) -> Goal:
         g = self.goals.get(drv_path)
