@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,6 +17,51 @@ from pathlib import Path
 import pytest
 
 from guixsvc.protocol.client import DaemonClient
+from tests import hostguard
+
+_HOST_STATE = pytest.StashKey[hostguard.Snapshot]()
+_DECOY = pytest.StashKey[str]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Snapshot the host's Guix paths and point inherited store variables at a throw-away root."""
+    config.stash[_HOST_STATE] = hostguard.snapshot()
+    decoy = tempfile.mkdtemp(prefix="guixsvc-tests-decoy-")
+    config.stash[_DECOY] = decoy
+    os.environ.pop("GUIX_DAEMON_SOCKET", None)
+    os.environ.update(
+        NIX_STORE_DIR=os.path.join(decoy, "store"),
+        GUIX_STATE_DIRECTORY=os.path.join(decoy, "state"),
+        GUIX_DATABASE_DIRECTORY=os.path.join(decoy, "state", "db"),
+        GUIX_LOG_DIRECTORY=os.path.join(decoy, "log"),
+        GUIX_CONFIGURATION_DIRECTORY=os.path.join(decoy, "etc"),
+    )
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run when any test changed the host's /gnu/store, /var/guix, /etc/guix or logs."""
+    config = session.config
+    if _HOST_STATE not in config.stash:
+        return
+    changed = hostguard.differences(config.stash[_HOST_STATE], hostguard.snapshot())
+    shutil.rmtree(config.stash[_DECOY], ignore_errors=True)
+    if changed:
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        text = "the test run changed the host's Guix state:\n  " + "\n  ".join(changed)
+        if reporter is not None:
+            reporter.write_line(text, red=True, bold=True)
+        else:
+            sys.stderr.write(text + "\n")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def launcher_env_flags(env: dict[str, str], flag: str = "--setenv=") -> list[str]:
+    """`--setenv=VAR=VALUE` for each store variable, PYTHONPATH and PATH: launchers drop them.
+
+    systemd-socket-activate passes its child only HOME, TERM, PATH and LISTEN_*; without these the
+    daemon would fall back to the host's /gnu/store and /var/guix."""
+    names = (*hostguard.STORE_VARIABLES, "PYTHONPATH", "PATH")
+    return [f"{flag}{name}={env[name]}" for name in names if name in env]
 
 
 @dataclass

@@ -18,7 +18,7 @@ from guixsvc.protocol.client import DaemonClient, DaemonError
 from guixsvc.protocol.ops import WORKER_MAGIC_1, Op, Stderr
 from guixsvc.protocol.wire import encode_int, encode_string
 from guixsvc.store import nar
-from tests.conftest import Daemon, start_daemon, stop_daemon, store_env
+from tests.conftest import Daemon, launcher_env_flags, start_daemon, stop_daemon, store_env
 
 
 def raw_session(daemon: Daemon) -> socket.socket:
@@ -187,8 +187,8 @@ def test_systemd_socket_activation(tmp_path: Path) -> None:
     env = store_env(tmp_path)
     sock = str(tmp_path / "activated.sock")
     proc = subprocess.Popen(
-        ["systemd-socket-activate", "-l", sock, sys.executable, "-m", "guixsvc.daemon.cli",
-         "--disable-chroot"],
+        ["systemd-socket-activate", "-l", sock, *launcher_env_flags(env),
+         sys.executable, "-m", "guixsvc.daemon.cli", "--disable-chroot"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:

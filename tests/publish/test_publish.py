@@ -21,6 +21,7 @@ import pytest
 from guixsvc.pki import keys
 from guixsvc.store import base32
 from guixsvc.store.narinfo import parse_narinfo
+from tests.conftest import launcher_env_flags
 from tests.substitutes.helpers import (
     Node,
     free_port,
@@ -291,8 +292,7 @@ def test_socket_activation(node: dict[str, object]) -> None:
     proc = spawn(
         n, "publish-sa",
         ["systemd-socket-activate", "-l", f"127.0.0.1:{port}",
-         *(f"-E{v}" for v in ("NIX_STORE_DIR", "GUIX_CONFIGURATION_DIRECTORY", "PYTHONPATH",
-                               "GUIX_DAEMON_SOCKET", "GUIX_STATE_DIRECTORY", "PATH")),
+         *launcher_env_flags(n.env),
          sys.executable, "-m",
          "guixsvc.cli", "publish", "--port=1"],
         None,
