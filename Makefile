@@ -23,9 +23,15 @@ setup-system:
 	  fi; \
 	else echo "not root or no apt-get: skipping system packages ($(APT_PACKAGES))"; fi
 
-setup: $(PY) setup-system
-	$(PY) -m pip install -q -e '.[test]'
-	@if pkg-config --exists libsystemd 2>/dev/null; then $(PY) -m pip install -q -e '.[systemd]'; fi
+# Python packages, pinned by constraints.txt; reinstalled only when the project's metadata changes.
+STAMP := $(VENV)/.guixsvc-setup
+$(STAMP): pyproject.toml constraints.txt | $(PY) setup-system
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	@if pkg-config --exists libsystemd 2>/dev/null; then \
+	  $(PY) -m pip install -q -c constraints.txt -e '.[systemd]'; fi
+	@touch $@
+
+setup: $(STAMP)
 
 # The embedded default: a daemon on a store under ./local, no root needed.
 run: $(PY)
