@@ -5,13 +5,16 @@ cannot tell it from upstream.  The server is one aiohttp event loop; everything 
 runs in thread pools: daemon RPCs (a few `DaemonClient` connections, one per thread), nar
 serialisation and compression (chunk by chunk, so a nar is never whole in memory), and baking.
 Cached nars are sent with `sendfile` (aiohttp's FileResponse, which also serves HTTP ranges).
-Beyond upstream: HTTP Range on uncompressed nars, `/metrics` (Prometheus text) and `/health`.
+Beyond upstream: HTTP Range on uncompressed nars, `/metrics` (Prometheus text) and `/health`;
+`/` is our own landing page (key, commands and NixOS snippet for this server's URL), and
+`/signing-key.pub` serves the key narinfos are signed with (upstream: `<conf>/signing-key.pub`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import html
 import os
 import re
 import socket
@@ -27,6 +30,7 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
+from guixsvc import __version__
 from guixsvc.pki import keys
 from guixsvc.protocol.client import DaemonClient, DaemonError, default_socket
 from guixsvc.publish.cli import PublishOptions
@@ -46,15 +50,6 @@ BAKING_TTL = 300
 _BASE32_RE = re.compile(r"[0123456789abcdfghijklmnpqrsvwxyz]*")
 _COMPRESSED_EXT = (".gz", ".bz2", ".xz", ".lz", ".lzma", ".tgz", ".tbz2", ".zip")
 _NAR_CHUNK = 1 << 20
-
-HOME_PAGE = (
-    "<html><head><title>GNU Guix Substitute Server</title></head><body>"
-    "<h1>GNU Guix Substitute Server</h1><p>Hi, "
-    '<a href="https://guix.gnu.org/manual/en/html_node/Invoking-guix-publish.html">'
-    "<tt>guix publish</tt></a> speaking.  Welcome!</p><p>Here is the "
-    '<a href="signing-key.pub"><tt>signing key</tt></a> for this server. '
-    "Knock yourselves out!</p></body></html>"
-)
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 
@@ -213,6 +208,115 @@ def _split_path(raw: str) -> list[str] | None:
     return parts
 
 
+# -- the landing page ----------------------------------------------------------------------
+
+# A Host header we are willing to print into shell commands and Nix code: a DNS name or an
+# IPv4 address, or a bracketed IPv6 address, with an optional port.
+_HOST_RE = re.compile(
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?"
+)
+
+
+def request_base_url(request: web.Request) -> str:
+    """This server's URL as the client that sent `request` reaches it: the scheme and host of
+    the request (or of `X-Forwarded-Proto`/`X-Forwarded-Host`, set by a reverse proxy), else
+    the address the connection came in on.  Only hosts matching `_HOST_RE` are used."""
+    proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+    scheme = proto if proto in ("http", "https") else request.scheme
+    for host in (
+        request.headers.get("X-Forwarded-Host", "").split(",")[0].strip(),
+        request.headers.get("Host", "").strip(),
+    ):
+        if host and _HOST_RE.fullmatch(host):
+            return f"{scheme}://{host}"
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    if isinstance(sockname, tuple) and len(sockname) >= 2:
+        address = str(sockname[0])
+        if ":" in address:
+            address = f"[{address}]"
+        return f"{scheme}://{address}:{sockname[1]}"
+    return f"{scheme}://localhost"
+
+
+def _key_file_name(url: str) -> str:
+    """A file name for this server's key that is also a valid Nix path literal."""
+    host = url.split("://", 1)[-1]
+    return "substitutes-" + re.sub(r"[^A-Za-z0-9.-]+", "-", host).strip("-") + ".pub"
+
+
+def _compression_text(kind: str, level: int) -> str:
+    return "none (uncompressed)" if kind == "none" else f"{kind} (level {level})"
+
+
+def render_landing_page(
+    *,
+    url: str,
+    store_dir: str,
+    public_key: str,
+    compressions: list[tuple[str, int]],
+    host: str,
+) -> str:
+    """The page `GET /` answers: what an administrator needs to point a machine here.  Plain
+    HTML without scripts, styles or external resources, so that it reads the same in lynx or
+    w3m as in a graphical browser.  Every interpolated value is escaped."""
+    e = html.escape
+    key_file = _key_file_name(url)
+    comps = ", ".join(_compression_text(k, level) for k, level in compressions)
+    trust = (
+        f"curl -fsS -o {key_file} {url}/signing-key.pub\nsudo guix archive --authorize < {key_file}"
+    )
+    use = (
+        "# for one command:\n"
+        f"guix build --substitute-urls='{url}' hello\n"
+        "# for every command, in the daemon (keeping the project's servers after this one):\n"
+        f"guix-daemon --substitute-urls='{url} https://bordeaux.guix.gnu.org"
+        " https://ci.guix.gnu.org'"
+    )
+    nixos = (
+        f"# configuration.nix, with the key saved next to it as {key_file} (see above).\n"
+        "# These lists replace the defaults; prepend\n"
+        "#   options.services.guix.substituters.urls.default ++\n"
+        "# (and .authorizedKeys.default ++) to keep the official servers too.\n"
+        f'services.guix.substituters.urls = [ "{url}" ];\n'
+        f"services.guix.substituters.authorizedKeys = [ ./{key_file} ];"
+    )
+    return (
+        "<!DOCTYPE html>\n"
+        '<html lang="en"><head><meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        '<link rel="icon" href="data:,">\n'
+        f"<title>Guix substitutes from {e(host)}</title></head>\n<body>\n"
+        f"<h1>Guix substitutes from {e(host)}</h1>\n"
+        f"<p>This is guixsvc publish {e(__version__)}, serving signed binaries (substitutes) "
+        f"of the store <code>{e(store_dir)}</code> at <code>{e(url)}</code>.  Guix clients "
+        "use them instead of building when they trust the key below and list this URL among "
+        "their substitute servers.  A client only benefits when its store directory is also "
+        f"<code>{e(store_dir)}</code>.</p>\n"
+        f"<p>Archives are offered compressed with: {e(comps)}.</p>\n"
+        "<h2>Signing key</h2>\n"
+        "<p>Every narinfo served here is signed with this public key "
+        '(<a href="signing-key.pub">download it as signing-key.pub</a>):</p>\n'
+        f'<pre id="signing-key">{e(public_key)}</pre>\n'
+        "<h2>Trusting this server</h2>\n"
+        "<p>On the client, fetch the key and add it to the access-control list "
+        "(<code>/etc/guix/acl</code>; this needs root):</p>\n"
+        f"<pre>{e(trust)}</pre>\n"
+        "<h2>Using it</h2>\n"
+        f"<pre>{e(use)}</pre>\n"
+        "<h2>On NixOS</h2>\n"
+        f"<pre>{e(nixos)}</pre>\n"
+        "<h2>For machines and monitoring</h2>\n<ul>\n"
+        '<li><a href="nix-cache-info">nix-cache-info</a>: the store directory and priority, '
+        "for Nix-style clients</li>\n"
+        '<li><a href="metrics">metrics</a>: request counts, bytes and latencies '
+        "(Prometheus text format)</li>\n"
+        '<li><a href="health">health</a>: whether the daemon behind this server answers '
+        "(JSON)</li>\n"
+        '<li><a href="signing-key.pub">signing-key.pub</a>: the public key above</li>\n'
+        "</ul>\n</body></html>\n"
+    )
+
+
 class PublishServer:
     """One `guix publish` instance."""
 
@@ -360,9 +464,7 @@ class PublishServer:
                 body=body.encode(), headers={"Content-Type": TEXT_TYPE}
             )
         if parts in ([], ["index.html"]):
-            return "home", web.Response(
-                body=HOME_PAGE.encode(), headers={"Content-Type": "text/html;charset=UTF-8"}
-            )
+            return "home", self.landing_page(request)
         if parts == ["signing-key.pub"]:
             return "signing-key", await self.signing_key(request)
         if parts == ["health"]:
@@ -386,14 +488,27 @@ class PublishServer:
             return "nar", await self.nar(request, "none", parts[k])
         return "other", self.not_found(request)
 
+    def public_key_text(self) -> str:
+        """The key narinfos are signed with, as `guix archive --generate-key` writes it."""
+        return self.public.to_bytes().decode("latin-1")
+
     async def signing_key(self, request: web.Request) -> web.StreamResponse:
-        path = keys.public_key_file(self.config.conf_dir)
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError:
-            return self.not_found(request)
-        return web.Response(body=data, headers={"Content-Type": "text/plain;charset=UTF-8"})
+        # Upstream reads <conf>/signing-key.pub at each request, whatever --public-key says;
+        # we serve the key this server signs with, so the page and the download agree.
+        return web.Response(
+            body=self.public_key_text().encode(),
+            headers={"Content-Type": "text/plain;charset=UTF-8"},
+        )
+
+    def landing_page(self, request: web.Request) -> web.Response:
+        page = render_landing_page(
+            url=request_base_url(request),
+            store_dir=self.config.store_dir,
+            public_key=self.public_key_text(),
+            compressions=self.opts.compressions,
+            host=self.host,
+        )
+        return web.Response(body=page.encode(), headers={"Content-Type": "text/html;charset=UTF-8"})
 
     async def health(self) -> web.Response:
         try:

@@ -72,7 +72,7 @@ def test_nix_cache_info_and_home(node: dict[str, object]) -> None:
     assert status == 200 and headers["Content-Type"] == "text/plain;charset=utf-8"
     assert body == f"StoreDir: {n.store}\nWantMassQuery: 0\nPriority: 100\n".encode()
     status, _, body = get(f"{node['url']}/")
-    assert status == 200 and b"GNU Guix Substitute Server" in body
+    assert status == 200 and b'<a href="signing-key.pub">' in body
     status, _, body = get(f"{node['url']}/signing-key.pub")
     assert status == 200 and body == (n.conf / "signing-key.pub").read_bytes()
 
