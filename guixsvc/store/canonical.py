@@ -5,8 +5,9 @@ non-symlink gets mode 0444 or 0555 (0555 when the owner-execute bit was set), ev
 1 (one second after the epoch, atime kept), and the owner becomes the daemon's effective uid/gid.
 Only regular files, directories and symlinks are allowed.  Symlinks are never followed.
 
-The walk works relative to directory descriptors (`dir_fd`, `O_NOFOLLOW`) so that a hostile tree
-cannot redirect it through a symlinked directory, and stats every entry exactly once.
+The walk is `safefs.walk`: relative to directory descriptors opened with `O_NOFOLLOW`, iterative
+(any depth), and every mode/owner change goes through a descriptor of the very inode that was
+examined, so a build user racing the daemon cannot redirect it outside the output.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import stat
 from collections.abc import Iterator
 
 from guixsvc.store.locks import SysError
+from guixsvc.store.safefs import LEAVE, Node, chmod_node, chown_node, open_parent, walk
 
 __all__ = [
     "MTIME_STORE",
@@ -34,8 +36,6 @@ __all__ = [
 MTIME_STORE = 1
 _MTIME_NS = MTIME_STORE * 1_000_000_000
 _NS = 1_000_000_000
-
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class CanonicalisationError(Exception):
@@ -68,35 +68,43 @@ class WrongTopLevelOwnership(CanonicalisationError):
 
 
 def _fix_timestamp_and_permissions(
-    display: str, name: str, dir_fd: int | None, st: os.stat_result
+    display: str, name: str, dir_fd: int, st: os.stat_result, fd: int | None = None
 ) -> None:
+    """Canonical mode and mtime for entry `name` of `dir_fd` (the inode `st` describes).
+
+    Changes go through a descriptor of the object (`fd`, or an O_PATH|O_NOFOLLOW one checked
+    against `st`), so a concurrently swapped entry can never redirect them.
+    """
     mode = st.st_mode
     if not stat.S_ISLNK(mode):
         perm = mode & 0o7777
         if perm not in (0o444, 0o555):
-            new = stat.S_IFMT(mode) | 0o444 | (0o111 if mode & stat.S_IXUSR else 0)
-            try:
-                # Not a symlink (we just lstat'ed it), so following is moot; Linux has no
-                # lchmod anyway.
-                os.chmod(name, new & 0o7777, dir_fd=dir_fd)
-            except OSError as e:
-                raise SysError(f"changing mode of `{display}' to {new:o}", e.errno) from e
+            new = 0o444 | (0o111 if mode & stat.S_IXUSR else 0)
+            chmod_node(name, dir_fd, st, new, display, fd=fd)
     # Upstream compares whole seconds (st_mtime is a time_t) and keeps the atime seconds.
     if st.st_mtime_ns // _NS != MTIME_STORE:
         atime_ns = (st.st_atime_ns // _NS) * _NS
         try:
-            os.utime(name, ns=(atime_ns, _MTIME_NS), dir_fd=dir_fd, follow_symlinks=False)
+            if fd is not None:
+                os.utime(fd, ns=(atime_ns, _MTIME_NS))
+            else:
+                # utimensat(AT_SYMLINK_NOFOLLOW) only ever touches the entry itself.
+                os.utime(name, ns=(atime_ns, _MTIME_NS), dir_fd=dir_fd, follow_symlinks=False)
         except OSError as e:
             raise SysError(f"changing modification time of `{display}'", e.errno) from e
 
 
 def canonicalise_timestamp_and_permissions(path: str) -> None:
     """Give one file canonical mode and mtime (not owner), without recursing or following."""
+    pfd, name = open_parent(path)
     try:
-        st = os.lstat(path)
-    except OSError as e:
-        raise SysError(f"getting attributes of path `{path}'", e.errno) from e
-    _fix_timestamp_and_permissions(path, path, None, st)
+        try:
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        except OSError as e:
+            raise SysError(f"getting attributes of path `{path}'", e.errno) from e
+        _fix_timestamp_and_permissions(path, name, pfd, st)
+    finally:
+        os.close(pfd)
 
 
 class _Canonicaliser:
@@ -106,8 +114,9 @@ class _Canonicaliser:
         self.euid = os.geteuid()
         self.egid = os.getegid()
 
-    def node(self, display: str, name: str, dir_fd: int | None, st: os.stat_result) -> bool:
-        """Canonicalise one node; return True if it is a directory to descend into."""
+    def node(self, node: Node) -> None:
+        """Canonicalise one node (directories on ENTER, through their own descriptor)."""
+        st, display = node.st, node.path
         mode = st.st_mode
         is_dir = stat.S_ISDIR(mode)
         if not (is_dir or stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
@@ -117,69 +126,33 @@ class _Canonicaliser:
             # build's outputs that we already canonicalised (and chowned) ourselves.
             if is_dir or (st.st_dev, st.st_ino) not in self.seen:
                 raise InvalidOwnership(display)
-            return False
-        self.seen.add((st.st_dev, st.st_ino))
-        _fix_timestamp_and_permissions(display, name, dir_fd, st)
-        if st.st_uid != self.euid:
-            try:
-                os.chown(name, self.euid, self.egid, dir_fd=dir_fd, follow_symlinks=False)
-            except OSError as e:
-                raise SysError(f"changing owner of `{display}' to {self.euid}", e.errno) from e
-        return is_dir
-
-    def walk(self, top: str) -> None:
-        try:
-            st = os.lstat(top)
-        except OSError as e:
-            raise SysError(f"getting attributes of path `{top}'", e.errno) from e
-        if not self.node(top, top, None, st):
             return
-        # Stack of open directory descriptors with the entries still to visit; one descriptor
-        # per level (the listing is read completely before descending, as upstream does).
-        stack: list[tuple[int, str, Iterator[tuple[str, os.stat_result]]]] = []
-        try:
-            fd = self._open_dir(top, top, None)
-            stack.append((fd, top, iter(self._list(fd, top))))
-            while stack:
-                dfd, ddisplay, entries = stack[-1]
-                item = next(entries, None)
-                if item is None:
-                    stack.pop()
-                    os.close(dfd)
-                    continue
-                name, cst = item
-                child = f"{ddisplay}/{name}"
-                if self.node(child, name, dfd, cst):
-                    cfd = self._open_dir(child, name, dfd)
-                    stack.append((cfd, child, iter(self._list(cfd, child))))
-        finally:
-            for dfd, _, _ in stack:
-                os.close(dfd)
+        self.seen.add((st.st_dev, st.st_ino))
+        _fix_timestamp_and_permissions(display, node.name, node.parent_fd, st, node.fd)
+        if st.st_uid != self.euid:
+            if node.fd is not None:
+                try:
+                    os.chown(node.fd, self.euid, self.egid)
+                except OSError as e:
+                    raise SysError(f"changing owner of `{display}' to {self.euid}", e.errno) from e
+            else:
+                chown_node(node.name, node.parent_fd, st, self.euid, self.egid, display)
 
-    @staticmethod
-    def _open_dir(display: str, name: str, dir_fd: int | None) -> int:
-        try:
-            return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
-        except OSError as e:
-            raise SysError(f"opening directory `{display}'", e.errno) from e
-
-    @staticmethod
-    def _list(fd: int, display: str) -> list[tuple[str, os.stat_result]]:
-        result: list[tuple[str, os.stat_result]] = []
-        try:
-            with os.scandir(fd) as it:
-                for entry in it:
-                    try:
-                        result.append((entry.name, entry.stat(follow_symlinks=False)))
-                    except OSError as e:
-                        raise SysError(
-                            f"getting attributes of path `{display}/{entry.name}'", e.errno
-                        ) from e
-        except SysError:
-            raise
-        except OSError as e:
-            raise SysError(f"reading directory `{display}'", e.errno) from e
-        return result
+    def walk(self, top: str) -> os.stat_result:
+        """Canonicalise the tree; return the top node's final attributes."""
+        top_st: os.stat_result | None = None
+        for node in walk(top):
+            if node.kind == LEAVE:
+                continue
+            self.node(node)
+            if node.depth == 0:
+                top_st = (
+                    os.fstat(node.fd)
+                    if node.fd is not None
+                    else os.stat(node.name, dir_fd=node.parent_fd, follow_symlinks=False)
+                )
+        assert top_st is not None
+        return top_st
 
 
 def canonicalise(
@@ -195,25 +168,28 @@ def canonicalise(
     """
     seen = inodes_seen if inodes_seen is not None else set()
     walker = _Canonicaliser(uid, seen)
-    walker.walk(path)
-    try:
-        st = os.lstat(path)
-    except OSError as e:
-        raise SysError(f"getting attributes of path `{path}'", e.errno) from e
+    st = walker.walk(path)
     if st.st_uid != walker.euid:
         raise WrongTopLevelOwnership(path)
 
 
 def make_writable(path: str) -> None:
-    """Add the owner-write bit to `path` (upstream `makeWritable` in `optimise-store.cc`)."""
+    """Add the owner-write bit to `path` (upstream `makeWritable` in `optimise-store.cc`).
+
+    A symlink is left alone (it has no mode of its own, and its target must not be touched).
+    """
+    pfd, name = open_parent(path)
     try:
-        st = os.lstat(path)
-    except OSError as e:
-        raise SysError(f"getting attributes of path `{path}'", e.errno) from e
-    try:
-        os.chmod(path, (st.st_mode | stat.S_IWUSR) & 0o7777)
-    except OSError as e:
-        raise SysError(f"changing writability of `{path}'", e.errno) from e
+        try:
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        except OSError as e:
+            raise SysError(f"getting attributes of path `{path}'", e.errno) from e
+        try:
+            chmod_node(name, pfd, st, (st.st_mode | stat.S_IWUSR) & 0o7777, path)
+        except SysError as e:
+            raise SysError(f"changing writability of `{path}'", e.errno) from e
+    finally:
+        os.close(pfd)
 
 
 @contextlib.contextmanager
