@@ -22,6 +22,7 @@ import errno
 import fcntl
 import logging
 import os
+import stat
 from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Literal
@@ -38,6 +39,7 @@ __all__ = [
     "MessageLog",
     "PathLocks",
     "SysError",
+    "UnsafeLockFile",
     "delete_lock_file",
     "emit",
     "lock_fd",
@@ -114,18 +116,94 @@ def lock_fd(fd: int, kind: LockKind, wait: bool) -> bool:
     return True
 
 
+class UnsafeLockFile(SysError):
+    """A lock file that is not a plain regular file (a planted FIFO, directory, device...)."""
+
+    def __init__(self, path: str, err: int = errno.EINVAL) -> None:
+        super().__init__(f"opening lock file `{path}'", err)
+        self.strerror = f"opening lock file `{path}': not a regular file"
+        self.path = path
+
+
 def open_lock_file(path: str, create: bool) -> int | None:
     """Open `path` read-write (creating it with mode 0600 if `create`), close-on-exec.
 
     Returns None if the file does not exist and `create` is False (upstream's `openLockFile`).
+    A symlink in place of the file is never followed (SysError with ELOOP) and anything but a
+    regular file is refused with `UnsafeLockFile`, so a lock file planted in a directory others
+    can write to cannot make the daemon create, truncate or block on a file elsewhere.
     """
-    flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+    flags = (
+        os.O_RDWR
+        | os.O_CLOEXEC
+        | os.O_NOFOLLOW
+        | os.O_NONBLOCK
+        | os.O_NOCTTY
+        | (os.O_CREAT if create else 0)
+    )
     try:
-        return os.open(path, flags, 0o600)
+        fd = os.open(path, flags, 0o600)
     except OSError as e:
         if not create and e.errno == errno.ENOENT:
             return None
         raise SysError(f"opening lock file `{path}'", e.errno) from e
+    try:
+        st = os.fstat(fd)
+    except OSError as e:
+        os.close(fd)
+        raise SysError(f"opening lock file `{path}'", e.errno) from e
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise UnsafeLockFile(path)
+    return fd
+
+
+def _open_own_lock_file(path: str, log: MessageLog | None) -> int:
+    """Open (creating) a `<path>.lock` in the store, replacing anything planted there.
+
+    The store is writable by the build group, so `X.lock` may be a symlink, a FIFO, a hard link
+    or a file somebody else owns (and could lock, or fill, to wedge us forever).  The daemon
+    creates its lock files itself, so anything that is not a regular file with one link owned
+    by our effective uid is removed (unlink never follows) and created afresh.
+    """
+    euid = os.geteuid()
+    for _ in range(_LOCK_OPEN_ATTEMPTS):
+        try:
+            fd = open_lock_file(path, True)
+        except SysError as e:
+            if not isinstance(e, UnsafeLockFile) and e.errno != errno.ELOOP:
+                raise
+            _remove_planted(path, None, log)
+            continue
+        assert fd is not None
+        st = os.fstat(fd)
+        if st.st_uid == euid and st.st_nlink == 1:
+            return fd
+        os.close(fd)
+        _remove_planted(path, st, log)
+    raise SysError(f"opening lock file `{path}'", errno.EBUSY)
+
+
+def _remove_planted(path: str, st: os.stat_result | None, log: MessageLog | None) -> None:
+    """Unlink `path` if it is (still) the entry `st` describes (any entry if `st` is None)."""
+    try:
+        cur = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise SysError(f"getting attributes of path `{path}'", e.errno) from e
+    if st is not None and (cur.st_dev, cur.st_ino) != (st.st_dev, st.st_ino):
+        return
+    emit(log, LVL_ERROR, f"removing unexpected lock file `{path}'")
+    try:
+        if stat.S_ISDIR(cur.st_mode):
+            os.rmdir(path)
+        else:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise SysError(f"removing unexpected lock file `{path}'", e.errno) from e
 
 
 def delete_lock_file(path: str, fd: int) -> None:
@@ -149,6 +227,10 @@ def _write_all(fd: int, data: bytes) -> None:
 # so this is the only way to detect a self-deadlock (upstream keeps the same global set).  A forked
 # child holds none of its parent's locks, hence the reset.
 _locked_paths: set[str] = set()
+
+# How often PathLocks replaces a planted or stale lock file before giving up (an attacker
+# racing us at every attempt only earns an error, not a hang).
+_LOCK_OPEN_ATTEMPTS = 64
 
 
 def _forget_locks_in_child() -> None:
@@ -197,9 +279,8 @@ class PathLocks:
             lock_path = path + ".lock"
             if lock_path in _locked_paths:
                 raise LockError("deadlock: trying to re-acquire self-held lock")
-            while True:
-                fd = open_lock_file(lock_path, True)
-                assert fd is not None
+            for _attempt in range(_LOCK_OPEN_ATTEMPTS):
+                fd = _open_own_lock_file(lock_path, self._log)
                 try:
                     if not lock_fd(fd, "w", False):
                         if not wait:
@@ -209,16 +290,24 @@ class PathLocks:
                         if wait_msg:
                             emit(self._log, LVL_ERROR, wait_msg)
                         lock_fd(fd, "w", True)
-                    size = os.fstat(fd).st_size
+                    st = os.fstat(fd)
                 except BaseException:
                     os.close(fd)
                     raise
-                if size == 0:
+                if st.st_size == 0:
                     break
                 # The previous holder deleted this file: somebody else may already have a
-                # fresh one, so drop this descriptor (and its lock) and retry.
+                # fresh one, so drop this descriptor (and its lock) and retry.  If the name
+                # still refers to this very file, its deleter failed to unlink it (or it was
+                # planted with contents): unlink it so that the retry can make progress.
                 emit(self._log, LVL_DEBUG, f"open lock file `{lock_path}' has become stale")
-                os.close(fd)
+                try:
+                    _remove_planted(lock_path, st, self._log)
+                finally:
+                    os.close(fd)
+            else:
+                self.unlock()
+                raise SysError(f"opening lock file `{lock_path}'", errno.EBUSY)
             self._fds.append((fd, lock_path))
             _locked_paths.add(lock_path)
         return True
