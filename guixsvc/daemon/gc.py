@@ -39,6 +39,7 @@ from guixsvc.gc.busy import busy_store_items
 from guixsvc.protocol.ops import GCAction, GCRequest
 from guixsvc.protocol.store_api import GCResult, StoreError
 from guixsvc.store import roots as gcroots
+from guixsvc.store.canonical import make_writable
 from guixsvc.store.db import StoreDatabase, StoreDatabaseError
 from guixsvc.store.locks import (
     LVL_DEBUG,
@@ -50,6 +51,7 @@ from guixsvc.store.locks import (
     emit,
 )
 from guixsvc.store.optimise import DEDUPLICATION_MIN_SIZE, LINKS_DIR
+from guixsvc.store.safefs import remove_tree
 
 if TYPE_CHECKING:
     from guixsvc.daemon.localstore import LocalStore
@@ -90,62 +92,10 @@ def delete_counting(path: str, link_threshold: int) -> int:
     """Delete the tree at `path`; return the sizes of the non-directories with at most
     `link_threshold` links (upstream `_deletePath`).  A missing `path` frees nothing.
 
-    Directories are made owner-writable first (store directories are read-only).
+    `safefs.remove_tree` does the work: directory descriptors, O_NOFOLLOW, no recursion, so a
+    symlink swapped in during the deletion is unlinked, never followed, and any depth works.
     """
-    freed = 0
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return 0
-    except OSError as e:
-        raise SysError(f"getting status of `{path}'", e.errno) from e
-    if not stat.S_ISDIR(st.st_mode):
-        if st.st_nlink <= link_threshold:
-            freed += st.st_size
-        _unlink(path)
-        return freed
-    # Iterative post-order walk: (directory, its mode already fixed?) pairs.
-    stack: list[tuple[str, bool]] = [(path, False)]
-    modes = {path: st.st_mode}
-    while stack:
-        directory, expanded = stack.pop()
-        if expanded:
-            try:
-                os.rmdir(directory)
-            except OSError as e:
-                raise SysError(f"cannot unlink `{directory}'", e.errno) from e
-            continue
-        mode = modes.pop(directory)
-        if not mode & stat.S_IWUSR:
-            try:
-                os.chmod(directory, stat.S_IMODE(mode) | stat.S_IWUSR)
-            except OSError as e:
-                raise SysError(f"making `{directory}' writable", e.errno) from e
-        stack.append((directory, True))
-        try:
-            entries = list(os.scandir(directory))
-        except OSError as e:
-            raise SysError(f"opening directory `{directory}'", e.errno) from e
-        for entry in entries:
-            try:
-                est = entry.stat(follow_symlinks=False)
-            except OSError as e:
-                raise SysError(f"getting status of `{entry.path}'", e.errno) from e
-            if stat.S_ISDIR(est.st_mode):
-                modes[entry.path] = est.st_mode
-                stack.append((entry.path, False))
-            else:
-                if est.st_nlink <= link_threshold:
-                    freed += est.st_size
-                _unlink(entry.path)
-    return freed
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError as e:
-        raise SysError(f"cannot unlink `{path}'", e.errno) from e
+    return remove_tree(path, link_threshold=link_threshold)
 
 
 def additional_roots(store_dir: str, log: MessageLog | None = None) -> list[str]:
@@ -258,7 +208,12 @@ class Collector:
         return 2 if self.auto_optimise and self._is_store_path(path) else 1
 
     def _delete_garbage(self, path: str) -> None:
-        self.bytes_freed += delete_counting(path, self._threshold(path))
+        """Delete `path`; an item that cannot be deleted is reported and skipped, so that one
+        unremovable item (planted, or left by a crash) never stops every collection."""
+        try:
+            self.bytes_freed += delete_counting(path, self._threshold(path))
+        except OSError as e:
+            self._msg(LVL_ERROR, f"warning: cannot delete `{path}': {e}")
 
     # -- roots ---------------------------------------------------------------------------------
 
@@ -431,7 +386,7 @@ class Collector:
     def _move_to_trash(self, path: str, st: os.stat_result, size: int) -> None:
         target = f"{self.trash_dir}/{os.path.basename(path)}"
         try:
-            os.chmod(path, stat.S_IMODE(st.st_mode) | stat.S_IWUSR)
+            make_writable(path)  # never follows a symlink swapped in meanwhile
             os.rename(path, target)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EXDEV):
@@ -474,14 +429,20 @@ class Collector:
                 self._msg(LVL_TALKATIVE, f"deleting unused link `{entry.path}'")
                 try:
                     os.unlink(entry.path)
+                except FileNotFoundError:
+                    continue
                 except OSError as e:
-                    raise SysError(f"deleting `{entry.path}'", e.errno) from e
+                    # Report and go on: one stuck link must not fail every collection.
+                    self._msg(LVL_ERROR, f"warning: cannot delete `{entry.path}': {e.strerror}")
+                    continue
                 self.bytes_freed += st.st_size
         try:
             overhead = os.stat(self.links_dir).st_size
         except OSError as e:
             raise SysError(f"statting `{self.links_dir}'", e.errno) from e
-        saved = unshared - actual - overhead
+        # Upstream subtracts the directory's own size, so an empty `.links` reads
+        # "saves -0.00 MiB"; a saving is never negative.
+        saved = max(unshared - actual - overhead, 0)
         self._msg(LVL_INFO, f"note: currently hard linking saves {_show_bytes(saved)}")
 
     # -- the collection ---------------------------------------------------------------------------

@@ -10,7 +10,6 @@ never connects (the daemon runs it while holding the GC lock).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import sqlite3
@@ -19,10 +18,20 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from guixsvc import __version__
+from guixsvc import cliargs
+from guixsvc.cliargs import (
+    BUG_REPORT,
+    Exit,
+    Option,
+    UsageError,
+    help_option,
+    parse_command_line,
+    run_command,
+    version_option,
+)
 from guixsvc.gc import profiles
 from guixsvc.gc.busy import busy_store_items
-from guixsvc.gc.units import UsageError, number_to_size, parse_duration, size_to_number
+from guixsvc.gc.units import number_to_size, parse_duration, size_to_number
 from guixsvc.protocol.client import DaemonClient, DaemonError, default_socket
 from guixsvc.protocol.ops import GCAction
 from guixsvc.protocol.wire import ProtocolError
@@ -33,7 +42,8 @@ __all__ = ["Options", "main", "parse_args"]
 PROG = "guix gc"
 UNLIMITED = 2**64 - 1
 
-HELP = """\
+HELP = (
+    """\
 Usage: guix gc [OPTION]... PATHS...
 Invoke the garbage collector.
 
@@ -65,27 +75,9 @@ Invoke the garbage collector.
 
   -h, --help             display this help and exit
   -V, --version          display version information and exit
-
-Report bugs to: bug-guix@gnu.org.
-GNU Guix home page: <https://www.gnu.org/software/guix/>
-General help using Guix and GNU software: <https://guix.gnu.org/en/help/>
 """
-
-VERSION = f"""\
-guix gc (GNU Guix) {__version__}
-Copyright (C) 2026 the Guix authors
-License GPLv3+: GNU GPL version 3 or later <http://gnu.org/licenses/gpl.html>
-This is free software: you are free to change and redistribute it.
-There is NO WARRANTY, to the extent permitted by law.
-"""
-
-
-class Exit(Exception):
-    """Stop with this exit status (after the option handler did its printing)."""
-
-    def __init__(self, status: int) -> None:
-        super().__init__(status)
-        self.status = status
+    + BUG_REPORT
+)
 
 
 @dataclass
@@ -99,17 +91,9 @@ class Options:
     paths: list[str] = field(default_factory=list)
 
 
-# --- option parsing (SRFI-37 semantics, spec cli.md §0) ----------------------------------------
+# --- option parsing (SRFI-37 semantics, spec cli.md §0; guixsvc/cliargs.py) ------------------
 
 Handler = Callable[[Options, str | None], None]
-
-
-@dataclass(frozen=True)
-class _Opt:
-    names: tuple[str, ...]  # one-character names are short options
-    required: bool
-    optional: bool
-    handler: Handler
 
 
 def _set_action(action: str) -> Handler:
@@ -153,16 +137,6 @@ def _verify(opts: Options, arg: str | None) -> None:
     opts.verify_options = options
 
 
-def _help(opts: Options, arg: str | None) -> None:
-    sys.stdout.write(HELP)
-    raise Exit(0)
-
-
-def _version(opts: Options, arg: str | None) -> None:
-    sys.stdout.write(VERSION)
-    raise Exit(0)
-
-
 def _vacuum(opts: Options, arg: str | None) -> None:
     if os.getuid() != 0:
         raise UsageError("vacuuming the database can only be used by root")
@@ -170,142 +144,44 @@ def _vacuum(opts: Options, arg: str | None) -> None:
     raise Exit(0)
 
 
-OPTIONS: tuple[_Opt, ...] = (
-    _Opt(("h", "help"), False, False, _help),
-    _Opt(("V", "version"), False, False, _version),
-    _Opt(("vacuum-database",), False, False, _vacuum),
-    _Opt(("C", "collect-garbage"), False, True, _collect),
-    _Opt(("F", "free-space"), True, False, _free_space),
-    _Opt(("D", "delete"), False, False, _set_action("delete")),
-    _Opt(("d", "delete-generations"), False, True, _delete_generations),
-    _Opt(("optimize",), False, False, _set_action("optimize")),
-    _Opt(("verify",), False, True, _verify),
-    _Opt(("list-roots",), False, False, _set_action("list-roots")),
-    _Opt(("list-busy",), False, False, _set_action("list-busy")),
-    _Opt(("list-dead",), False, False, _set_action("list-dead")),
-    _Opt(("list-live",), False, False, _set_action("list-live")),
-    _Opt(("references",), False, False, _set_action("list-references")),
-    _Opt(("R", "requisites"), False, False, _set_action("list-requisites")),
-    _Opt(("referrers",), False, False, _set_action("list-referrers")),
-    _Opt(("derivers",), False, False, _set_action("list-derivers")),
-    _Opt(("list-failures",), False, False, _set_action("list-failures")),
-    _Opt(("clear-failures",), False, False, _set_action("clear-failures")),
-)
-
-_LOOKUP = {name: opt for opt in OPTIONS for name in opt.names}
-
-
-class _Unrecognized(Exception):
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
-        self.name = name
-
-
-def _string_distance(a: str, b: str) -> int:
-    previous = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        current = [i]
-        for j, cb in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
-        previous = current
-    return previous[-1]
-
-
-def _option_hint(name: str) -> str | None:
-    guess = name.split("=")[0]
-    best, best_distance = None, 3
-    for opt in OPTIONS:
-        for long_name in opt.names:
-            if len(long_name) == 1:
-                continue
-            distance = _string_distance(guess, long_name)
-            if distance < best_distance:
-                best, best_distance = long_name, distance
-    return best
+OPTIONS: tuple[Option[Options], ...] = (
+    help_option(HELP),
+    version_option(PROG),
+    Option(("vacuum-database",), _vacuum),
+    Option(("C", "collect-garbage"), _collect, optional=True),
+    Option(("F", "free-space"), _free_space, required=True),
+    Option(("D", "delete"), _set_action("delete")),
+    Option(("d", "delete-generations"), _delete_generations, optional=True),
+    Option(("optimize",), _set_action("optimize")),
+    Option(("verify",), _verify, optional=True),
+    Option(("list-roots",), _set_action("list-roots")),
+    Option(("list-busy",), _set_action("list-busy")),
+    Option(("list-dead",), _set_action("list-dead")),
+    Option(("list-live",), _set_action("list-live")),
+    Option(("references",), _set_action("list-references")),
+    Option(("R", "requisites"), _set_action("list-requisites")),
+    Option(("referrers",), _set_action("list-referrers")),
+    Option(("derivers",), _set_action("list-derivers")),
+    Option(("list-failures",), _set_action("list-failures")),
+    Option(("clear-failures",), _set_action("clear-failures")),
+)  # type: ignore[assignment]
 
 
 def parse_args(argv: Sequence[str]) -> Options:
     """Fold `argv` into `Options`, calling each option's handler as it is met (like upstream,
-    a bad value stops parsing at once).  Raises `UsageError`, `_Unrecognized` or `Exit`."""
-    opts = Options()
-    args = list(argv)
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if arg == "--":
-            opts.paths.extend(args[i + 1 :])
-            break
-        if arg.startswith("--"):
-            i += 1
-            _long_option(opts, arg)
-        elif arg.startswith("-") and len(arg) > 1:
-            i = _short_options(opts, args, i)
-        else:
-            opts.paths.append(arg)
-            i += 1
-    return opts
-
-
-def _long_option(opts: Options, arg: str) -> None:
-    # Like SRFI-37, look for a name before each `=` in turn.
-    start = 2
-    while True:
-        index = arg.find("=", start)
-        name = arg[2:] if index < 0 else arg[2:index]
-        opt = _LOOKUP.get(name) if len(name) > 1 else None
-        if opt is not None:
-            break
-        if index < 0:
-            raise _Unrecognized(arg[2:])
-        start = index + 1
-    value = None if index < 0 else arg[index + 1 :]
-    if opt.required and value is None:
-        raise UsageError(f"invalid argument: Missing required argument after `--{name}'")
-    if not (opt.required or opt.optional) and value is not None:
-        raise UsageError(f"invalid argument: Extraneous argument after `--{name}'")
-    opt.handler(opts, value)
-
-
-def _short_options(opts: Options, args: list[str], i: int) -> int:
-    arg = args[i]
-    pos = 1
-    while pos < len(arg):
-        letter = arg[pos]
-        opt = _LOOKUP.get(letter)
-        if opt is None:
-            raise _Unrecognized(letter)
-        if opt.required or opt.optional:
-            if pos + 1 < len(arg):
-                value: str | None = arg[pos + 1 :]
-                i += 1
-            elif i + 1 < len(args):
-                value = args[i + 1]
-                i += 2
-            else:
-                value = None
-                i += 1
-            if value is None and opt.required:
-                raise UsageError(f"invalid argument: Missing required argument after `-{letter}'")
-            opt.handler(opts, value)
-            return i
-        opt.handler(opts, None)
-        pos += 1
-    return i + 1
+    a bad value stops parsing at once).  Raises `UsageError`, `Unrecognized` or `Exit`."""
+    return parse_command_line(argv, OPTIONS, Options(), lambda o, arg: o.paths.append(arg))
 
 
 # --- diagnostics -------------------------------------------------------------------------------
 
 
 def _info(message: str) -> None:
-    sys.stderr.write(f"{PROG}: {message}\n")
+    cliargs.info(PROG, message)
 
 
 def _warn(message: str) -> None:
-    sys.stderr.write(f"{PROG}: warning: {message}\n")
-
-
-def _error(message: str) -> None:
-    sys.stderr.write(f"{PROG}: error: {message}\n")
+    cliargs.warning(PROG, message)
 
 
 class _DaemonLog:
@@ -525,37 +401,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `guixsvc gc ARGS...`; returns the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
     session = _Session()
-    try:
+
+    def body() -> int:
         try:
-            opts = parse_args(args)
-        except _Unrecognized as e:
-            _error(f"{e.name}: unrecognized option")
-            hint = _option_hint(e.name)
-            if hint:
-                sys.stderr.write(f"hint: Did you mean `{hint}'?\n\n")
-            return 1
-        return _run(opts, session)
-    except Exit as e:
-        return e.status
-    except UsageError as e:
-        session.log.finish()
-        _error(str(e))
-        return 1
-    except DaemonError as e:
-        session.log.finish()
-        _error(e.message)
-        return 1
-    except BrokenPipeError:
-        return 0
-    except (EOFError, ProtocolError, OSError) as e:
-        session.log.finish()
-        _error(str(e) or type(e).__name__)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        with contextlib.suppress(OSError):
-            session.close()
+            return _run(parse_args(args), session)
+        except BaseException:
+            session.log.finish()
+            raise
+
+    return run_command(
+        PROG,
+        body,
+        handlers=[
+            (DaemonError, lambda e: e.message),  # type: ignore[attr-defined]
+            (EOFError, lambda e: str(e) or type(e).__name__),
+            (ProtocolError, lambda e: str(e) or type(e).__name__),
+            (OSError, lambda e: str(e) or type(e).__name__),
+        ],
+        cleanup=session.close,
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
+from guixsvc.cliargs import UsageError
+
 __all__ = [
     "UsageError",
     "number_to_size",
@@ -17,10 +19,6 @@ __all__ = [
     "size_to_number",
     "string_to_number",
 ]
-
-
-class UsageError(Exception):
-    """A bad command-line value: reported as ``guix gc: error: MESSAGE``, exit status 1."""
 
 
 _BINARY = {

@@ -7,6 +7,7 @@ spec/worker-protocol.md §7) so that what our tests exercise is what real client
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 from collections.abc import Callable, Iterable, Iterator
@@ -75,7 +76,9 @@ def connect(uri: str) -> socket.socket:
         sock = socket.create_connection((parts.hostname or "localhost", parts.port or DEFAULT_PORT))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
-    raise OSError(f"failed to connect to '{uri}': Operation not supported")
+    # Upstream (`connect-to-daemon`, guix/store.scm) has no module for other schemes and
+    # raises a store-connection error with ENOTSUP for the URI.
+    raise OSError(errno.ENOTSUP, os.strerror(errno.ENOTSUP), uri)
 
 
 class DaemonClient:

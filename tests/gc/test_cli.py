@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from guixsvc.cliargs import Unrecognized
 from guixsvc.gc import profiles
-from guixsvc.gc.cli import _Unrecognized, direct_store_path, parse_args
+from guixsvc.gc.cli import direct_store_path, parse_args
 from guixsvc.gc.units import UsageError, number_to_size, parse_duration, size_to_number
 from guixsvc.store.db import StoreDatabase, ValidPathInfo
 from tests.conftest import Daemon, start_daemon, stop_daemon
@@ -101,10 +102,10 @@ def test_options_last_action_wins_and_unknown() -> None:
     assert parse_args(["--list-dead", "--list-live"]).action == "list-live"
     assert parse_args(["-D", "-R", "x"]).action == "list-requisites"
     assert parse_args(["--", "-C"]).paths == ["-C"]
-    with pytest.raises(_Unrecognized) as e:
+    with pytest.raises(Unrecognized) as e:
         parse_args(["--list-deda"])
     assert e.value.name == "list-deda"
-    with pytest.raises(_Unrecognized) as e:
+    with pytest.raises(Unrecognized) as e:
         parse_args(["-x"])
     assert e.value.name == "x"
 
