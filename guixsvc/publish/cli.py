@@ -7,34 +7,31 @@ key files are read before `--user` drops privileges.
 
 from __future__ import annotations
 
-import argparse
 import os
 import pwd
 import re
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from guixsvc import __version__
+from guixsvc.cliargs import (
+    BUG_REPORT,
+    Option,
+    UsageError,
+    help_option,
+    parse_command_line,
+    run_command,
+    version_option,
+)
+from guixsvc.gc.units import size_to_number
 
 PROG = "guix publish"
 DEFAULT_PORT = 8080
 DEFAULT_BYPASS = 10 * 1024 * 1024
 SNDBUF = 212992
 
-_SIZE_UNITS = {
-    "": 1, "K": 1 << 10, "k": 1 << 10, "KiB": 1 << 10, "M": 1 << 20, "MiB": 1 << 20,
-    "G": 1 << 30, "GiB": 1 << 30, "T": 1 << 40, "TiB": 1 << 40, "P": 1 << 50, "PiB": 1 << 50,
-    "E": 1 << 60, "EiB": 1 << 60, "Z": 1 << 70, "ZiB": 1 << 70, "Y": 1 << 80, "YiB": 1 << 80,
-    "kB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "PB": 10**15, "EB": 10**18,
-    "ZB": 10**21, "YB": 10**24,
-}  # fmt: skip
 _DURATION_UNITS = {"s": 1, "h": 3600, "d": 86400, "w": 7 * 86400, "m": 30 * 86400}
-
-
-class UsageError(Exception):
-    """A command-line error: printed as ``guix publish: error: MESSAGE``, exit 1."""
 
 
 @dataclass
@@ -65,14 +62,8 @@ def parse_duration(text: str) -> int:
 
 
 def parse_size(text: str) -> int:
-    m = re.fullmatch(r"([0-9]*\.?[0-9]*)(.*)", text)
-    assert m is not None
-    number, unit = m.groups()
-    if not number or number == ".":
-        raise UsageError(f"invalid number: {text}")
-    if unit not in _SIZE_UNITS:
-        raise UsageError(f"unknown unit: {unit}")
-    return round(float(number) * _SIZE_UNITS[unit])
+    """`size->number`, shared with `guix gc`."""
+    return size_to_number(text)
 
 
 def _number(text: str) -> int:
@@ -100,74 +91,102 @@ def parse_compression(arg: str | None, warnings: list[str]) -> tuple[str, int] |
     return (kind, level)
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="guix publish",
-        usage="guix publish [OPTION]...",
-        description="Publish /gnu/store over HTTP.",
-        add_help=False,
-    )
-    a = p.add_argument
-    a("-u", "--user", help="change privileges to USER as soon as possible")
-    a("-a", "--advertise", action="store_true", help="advertise on the local network")
-    a("-C", "--compression", action="append", nargs="?", const=None, default=None,
-      metavar="METHOD:LEVEL", help="compress archives with METHOD at LEVEL")  # fmt: skip
-    a("-c", "--cache", metavar="DIRECTORY", help="cache published items to DIRECTORY")
-    a("--cache-bypass-threshold", metavar="SIZE",
-      help="serve store items below SIZE even when not cached")  # fmt: skip
-    a("--workers", metavar="N", help="use N workers to bake items")
-    a("--ttl", metavar="TTL", help="announce narinfos can be cached for TTL seconds")
-    a("--negative-ttl", metavar="TTL", help="announce missing narinfos can be cached for TTL")
-    a("--nar-path", metavar="PATH", help="use PATH as the prefix for nar URLs")
-    a("--public-key", metavar="FILE", help="use FILE as the public key for signatures")
-    a("--private-key", "--secret-key", dest="private_key", metavar="FILE",
-      help="use FILE as the private key for signatures")  # fmt: skip
-    a("-p", "--port", metavar="PORT", help="listen on PORT")
-    a("--listen", metavar="HOST", help="listen on the network interface for HOST")
-    a("-r", "--repl", nargs="?", const="37146", metavar="PORT", help=argparse.SUPPRESS)
-    a("-h", "--help", action="help", help="display this help and exit")
-    a("-V", "--version", action="version", version=f"guix publish (GNU Guix) {__version__}")
-    a("extra", nargs="*", help=argparse.SUPPRESS)
-    return p
+def _help() -> str:
+    from guixsvc.store.config import StoreConfig
+
+    store = StoreConfig.from_env(daemon=False).store_dir
+    return f"""\
+Usage: guix publish [OPTION]...
+Publish {store} over HTTP.
+
+  -p, --port=PORT        listen on PORT
+      --listen=HOST      listen on the network interface for HOST
+  -u, --user=USER        change privileges to USER as soon as possible
+  -a, --advertise        advertise on the local network
+  -C, --compression[=METHOD:LEVEL]
+                         compress archives with METHOD at LEVEL
+  -c, --cache=DIRECTORY  cache published items to DIRECTORY
+      --cache-bypass-threshold=SIZE
+                         serve store items below SIZE even when not cached
+      --workers=N        use N workers to bake items
+      --ttl=TTL          announce narinfos can be cached for TTL seconds
+      --negative-ttl=TTL announce missing narinfos can be cached for TTL seconds
+      --nar-path=PATH    use PATH as the prefix for nar URLs
+      --public-key=FILE  use FILE as the public key for signatures
+      --private-key=FILE use FILE as the private key for signatures
+  -r, --repl[=PORT]      spawn REPL server on PORT
+
+  -h, --help             display this help and exit
+  -V, --version          display version information and exit
+{BUG_REPORT}"""
+
+
+def _listen(opts: PublishOptions, host: str | None) -> None:
+    assert host is not None
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise UsageError(f"lookup of host '{host}' failed: {exc.strerror}") from None
+    if not infos:
+        raise UsageError("lookup of host 'listen' returned nothing")
+    opts.family = infos[0][0]
+    opts.listen = str(infos[0][4][0])
+
+
+def _compression(opts: PublishOptions, arg: str | None) -> None:
+    c = parse_compression(arg, opts.warnings)
+    if c is not None:
+        opts.compressions.append(c)
+
+
+def _setter(name: str, convert: Callable[[str], object] = str) -> Callable:
+    def handle(opts: PublishOptions, arg: str | None) -> None:
+        assert arg is not None
+        setattr(opts, name, convert(arg))
+
+    return handle
+
+
+def _repl(opts: PublishOptions, arg: str | None) -> None:
+    # Accepted for compatibility; there is no Guile REPL to spawn.
+    if arg is not None:
+        _number(arg)
+
+
+# `%options` of guix/scripts/publish.scm, in its order.
+OPTIONS: tuple[Option[PublishOptions], ...] = (
+    help_option(_help),
+    version_option(PROG),
+    Option(("a", "advertise"), lambda o, _: setattr(o, "advertise", True)),
+    Option(("u", "user"), _setter("user"), required=True),
+    Option(("p", "port"), _setter("port", _number), required=True),
+    Option(("listen",), _listen, required=True),
+    Option(("C", "compression"), _compression, optional=True),
+    Option(("c", "cache"), _setter("cache"), required=True),
+    Option(("cache-bypass-threshold",), _setter("bypass_threshold", parse_size), required=True),
+    Option(("workers",), _setter("workers", lambda a: max(1, _number(a))), required=True),
+    Option(("ttl",), _setter("ttl", parse_duration), required=True),
+    Option(("negative-ttl",), _setter("negative_ttl", parse_duration), required=True),
+    Option(
+        ("nar-path",),
+        _setter("nar_path", lambda a: tuple(c for c in a.split("/") if c)),
+        required=True,
+    ),
+    Option(("public-key",), _setter("public_key"), required=True),
+    Option(("private-key", "secret-key"), _setter("private_key"), required=True),
+    Option(("r", "repl"), _repl, optional=True),
+)  # type: ignore[assignment]
+
+
+def _extraneous(opts: PublishOptions, arg: str) -> None:
+    raise UsageError(f"{arg}: extraneous argument")
 
 
 def parse_options(argv: Sequence[str]) -> PublishOptions:
-    args = _build_parser().parse_args(list(argv))
-    if args.extra:
-        raise UsageError(f"{args.extra[0]}: extraneous argument")
-    opts = PublishOptions()
-    if args.port is not None:
-        opts.port = _number(args.port)
-    if args.listen is not None:
-        try:
-            infos = socket.getaddrinfo(args.listen, None, type=socket.SOCK_STREAM)
-        except socket.gaierror as exc:
-            raise UsageError(f"lookup of host '{args.listen}' failed: {exc.strerror}") from None
-        if not infos:
-            raise UsageError("lookup of host 'listen' returned nothing")
-        opts.family = infos[0][0]
-        opts.listen = str(infos[0][4][0])
-    opts.user = args.user
-    opts.advertise = args.advertise
-    for arg in args.compression or ():
-        c = parse_compression(arg, opts.warnings)
-        if c is not None:
-            opts.compressions.append(c)
+    """Parse `guix publish` arguments (spec cli.md §2); raises `cliargs` exceptions."""
+    opts = parse_command_line(argv, OPTIONS, PublishOptions(), _extraneous)
     if not opts.compressions:
         opts.compressions = [("gzip", 3)]
-    opts.cache = args.cache
-    if args.cache_bypass_threshold is not None:
-        opts.bypass_threshold = parse_size(args.cache_bypass_threshold)
-    if args.workers is not None:
-        opts.workers = max(1, _number(args.workers))
-    if args.ttl is not None:
-        opts.ttl = parse_duration(args.ttl)
-    if args.negative_ttl is not None:
-        opts.negative_ttl = parse_duration(args.negative_ttl)
-    if args.nar_path is not None:
-        opts.nar_path = tuple(c for c in args.nar_path.split("/") if c)
-    opts.public_key = args.public_key
-    opts.private_key = args.private_key
     return opts
 
 
@@ -213,14 +232,15 @@ def _error(message: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    return run_command(PROG, lambda: _main(parse_options(args)))
+
+
+def _main(opts: PublishOptions) -> int:
     from guixsvc.pki import keys
     from guixsvc.publish.server import PublishServer
     from guixsvc.store.config import StoreConfig
 
-    try:
-        opts = parse_options(sys.argv[1:] if argv is None else argv)
-    except UsageError as exc:
-        return _error(str(exc))
     for w in opts.warnings:
         sys.stderr.write(f"{PROG}: warning: {w}\n")
     if opts.advertise:
