@@ -3,9 +3,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 LOCAL ?= $(CURDIR)/local
+PORT ?= 8080
 APT_PACKAGES := nix-bin busybox-static libgcrypt20 guile-3.0 guile-gcrypt systemd \
                 libsystemd-dev pkg-config lzip zstd gzip util-linux passwd procps \
-                debootstrap systemd-container avahi-daemon avahi-utils dbus iproute2
+                debootstrap systemd-container avahi-daemon avahi-utils dbus iproute2 \
+                chromium
 
 .PHONY: run test e2e setup setup-system lint bench clean
 
@@ -33,10 +35,15 @@ $(STAMP): pyproject.toml constraints.txt | $(PY) setup-system
 
 setup: $(STAMP)
 
-# The embedded default: a daemon on a store under ./local, no root needed.
-run: $(PY)
-	$(PY) -m pip install -q -e .
-	$(PY) -m guixsvc.devserver --root $(LOCAL)
+# The embedded default: a daemon on a store under ./local, no root needed (`make run PORT=8181`).
+# It prints the lines that put the tools on PATH and point a client at it; a taken port fails fast.
+RUN_STAMP := $(VENV)/.guixsvc-run
+$(RUN_STAMP): pyproject.toml constraints.txt | $(PY)
+	$(PY) -m pip install -q -c constraints.txt -e .
+	@touch $@
+
+run: $(RUN_STAMP)
+	@$(PY) -m guixsvc.devserver --root $(LOCAL) --port $(PORT)
 
 lint: setup
 	$(VENV)/bin/ruff check guixsvc tests bench
