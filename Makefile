@@ -4,10 +4,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 LOCAL ?= $(CURDIR)/local
 PORT ?= 8080
-APT_PACKAGES := nix-bin busybox-static libgcrypt20 guile-3.0 guile-gcrypt systemd \
-                libsystemd-dev pkg-config lzip zstd gzip util-linux passwd procps \
-                debootstrap systemd-container avahi-daemon avahi-utils dbus iproute2 \
-                chromium
+# Debian packages `make test` installs as root.  Installing avahi-daemon and dbus starts their
+# services on the host; GUIXSVC_AVAHI=0 (tests/avahi) and GUIXSVC_E2E=0 (tests/e2e: debootstrap,
+# systemd-nspawn) leave those groups out and skip their tests.
+APT_CORE := nix-bin busybox-static libgcrypt20 guile-3.0 guile-gcrypt systemd libsystemd-dev \
+            pkg-config lzip zstd gzip util-linux passwd procps iproute2 chromium
+APT_AVAHI := avahi-daemon avahi-utils dbus
+APT_E2E := debootstrap systemd-container
+APT_PACKAGES := $(APT_CORE) $(if $(filter 0,$(GUIXSVC_AVAHI)),,$(APT_AVAHI)) \
+                $(if $(filter 0,$(GUIXSVC_E2E)),,$(APT_E2E))
 
 .PHONY: run test e2e setup setup-system lint bench clean
 
