@@ -295,7 +295,8 @@ class LocalStore:
         return self.sd.display(sp)
 
     def _parse(self, path: str) -> StorePath:
-        return self.sd.parse(path)
+        # Lax: a client may have registered any name (upstream's register-items does).
+        return self.sd.parse_lax(path)
 
     def _not_valid(self, sp: StorePath) -> StoreError:
         return StoreError(f"path `{self._path(sp)}' is not valid")
@@ -708,7 +709,7 @@ class LocalStore:
         return self.settings.substitute_urls()
 
     def builtin_builders(self) -> list[str]:
-        return ["download", "git-download"]
+        return ["download"]
 
     # -- roots and GC ------------------------------------------------------------------------------
 

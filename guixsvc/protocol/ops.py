@@ -133,7 +133,7 @@ class AddToStoreRequest:
 def read_store_path(reader: WireReader, store: StoreDir) -> StorePath:
     text = reader.read_string()
     try:
-        return store.parse(text)
+        return store.parse_lax(text)  # upstream's `readStorePath`: the hash part is unchecked
     except InvalidStorePath as exc:
         raise ProtocolError(str(exc)) from None
 
@@ -194,7 +194,7 @@ def _read_build_paths(reader: WireReader, store: StoreDir, client_minor: int) ->
         text = reader.read_string()
         path = text.split("!", 1)[0]
         try:
-            store.parse(path)
+            store.parse_lax(path)
         except InvalidStorePath as exc:
             raise ProtocolError(str(exc)) from None
         items.append(text)

@@ -215,7 +215,7 @@ def handler(op: Op) -> Callable[[Handler], Handler]:
 @handler(Op.IS_VALID_PATH)
 def _is_valid_path(store: Store, sd: StoreDir, io: SessionIO, a: tuple[Any, ...]) -> bytes:
     try:
-        path = sd.parse(a[0])
+        path = sd.parse_lax(a[0])
     except InvalidStorePath as exc:
         raise StoreError(str(exc)) from None
     return encode_bool(store.is_valid_path(path))
@@ -366,7 +366,7 @@ def _query_subst_infos(store: Store, sd: StoreDir, io: SessionIO, a: tuple[Any, 
 @handler(Op.QUERY_SUBSTITUTABLE_PATH_INFO)
 def _query_subst_info(store: Store, sd: StoreDir, io: SessionIO, a: tuple[Any, ...]) -> bytes:
     try:
-        path = sd.parse(a[0])
+        path = sd.parse_lax(a[0])
     except InvalidStorePath:
         return encode_int(0)
     infos = store.query_substitutable_path_infos([path])

@@ -79,7 +79,41 @@ class StorePath:
     @property
     def base_name(self) -> str:
         """`<hash>-<name>`, the file name of the item inside the store directory."""
-        return f"{self.hash_part}-{self.name}"
+        return f"{self.hash_part}-{self.name}" if self.hash_part else self.name
+
+    @property
+    def is_strict(self) -> bool:
+        """False for a name accepted only by :meth:`lax` (its hash part is not nix-base32)."""
+        return (
+            _HASH_PART.fullmatch(self.hash_part) is not None
+            and _NAME_OK.fullmatch(self.name) is not None
+        )
+
+    @classmethod
+    def lax(cls, base_name: str) -> StorePath:
+        """Any file name directly in the store, as upstream's `readStorePath` takes it.
+
+        Upstream only checks that a path on the wire is directly inside the store, so
+        `<store>/eeee…-foo` (not nix-base32) or a temporary `<store>/guix-XXXXXX` are store
+        paths to it: valid-path? says #f, add-temp-root roots it, a database filled by a client
+        may hold it.  `<hash>-<name>` keeps its two parts; any other name has an empty hash
+        part.  Refused (InvalidStorePath) here, beyond upstream: the empty name, names starting
+        with `.` (`.`, `..`, `.links`) and names holding `/` or NUL.
+        """
+        if not base_name or base_name.startswith(".") or "/" in base_name or "\0" in base_name:
+            raise InvalidStorePath(base_name)
+        try:
+            return cls.from_base_name(base_name)
+        except InvalidStorePath:
+            pass
+        sp = object.__new__(cls)
+        if len(base_name) > HASH_PART_LENGTH and base_name[HASH_PART_LENGTH] == "-":
+            hash_part, name = base_name[:HASH_PART_LENGTH], base_name[HASH_PART_LENGTH + 1 :]
+        else:
+            hash_part, name = "", base_name
+        object.__setattr__(sp, "hash_part", hash_part)
+        object.__setattr__(sp, "name", name)
+        return sp
 
     @property
     def is_derivation(self) -> bool:
@@ -143,9 +177,24 @@ class StoreDir:
         except InvalidStorePath:
             raise InvalidStorePath(s) from None
 
+    def parse_lax(self, s: str) -> StorePath:
+        """Parse an absolute file name directly in the store (upstream `assertStorePath`), the
+        hash part unchecked (:meth:`StorePath.lax`); raises InvalidStorePath."""
+        try:
+            return _parse_cached(self, s)
+        except InvalidStorePath:
+            pass
+        prefix = self.path + "/"
+        if not s.startswith(prefix):
+            raise InvalidStorePath(s)
+        try:
+            return StorePath.lax(s[len(prefix) :])
+        except InvalidStorePath:
+            raise InvalidStorePath(s) from None
+
     def display(self, sp: StorePath) -> str:
         """The absolute file name of `sp`."""
-        return f"{self.path}/{sp.hash_part}-{sp.name}"
+        return f"{self.path}/{sp.base_name}"
 
     def is_store_path(self, s: str) -> bool:
         """True if `s` parses strictly as a store path in this store."""
