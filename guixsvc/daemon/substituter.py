@@ -37,7 +37,7 @@ from guixsvc.store.paths import InvalidStorePath, StorePath
 if TYPE_CHECKING:
     from guixsvc.daemon.localstore import LocalStore
 
-__all__ = ["FetchError", "NarinfoCache", "Substituter"]
+__all__ = ["FetchError", "HashMismatch", "NarinfoCache", "Substituter", "registered_size"]
 
 #: TTLs of newer `guix substitute` (guix/substitutes.scm), in seconds.
 POSITIVE_TTL = 36 * 3600
@@ -54,6 +54,27 @@ LVL_ERROR, LVL_INFO = 0, 1
 
 class FetchError(Exception):
     """A download or verification failure; the message is what the client is told."""
+
+
+class HashMismatch(FetchError):
+    """The NAR's hash is not the narinfo's; ``status`` is `ALGO EXPECTED ACTUAL` (base32)."""
+
+    def __init__(self, message: str, status: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+#: The largest NarSize the database can hold (SQLite integers are signed 64-bit).
+_MAX_DB_SIZE = (1 << 63) - 1
+
+
+def registered_size(info: Narinfo, actual: int) -> int:
+    """The NAR size to register: upstream's daemon registers what the narinfo announced
+    (`success HASH SIZE` from `guix substitute`), so does ours; the actual size when the
+    narinfo has none (or one the database cannot hold)."""
+    if info.nar_size is None or not 0 <= info.nar_size <= _MAX_DB_SIZE:
+        return actual
+    return info.nar_size
 
 
 # --- on-disk narinfo cache ----------------------------------------------------------------------
@@ -286,7 +307,9 @@ class Substituter:
 
     def lookup(self, paths: Iterable[StorePath]) -> dict[StorePath, _Hit]:
         """`lookup-narinfos/diverse`: the usable narinfo of each path that has one."""
-        todo = [p for p in dict.fromkeys(paths) if p.base_name not in self._hits]
+        # A name without a nix-base32 hash part (upstream accepts `<store>/guix-XXXXXX` on the
+        # wire) has no narinfo anywhere.
+        todo = [p for p in dict.fromkeys(paths) if p.is_strict and p.base_name not in self._hits]
         candidates: dict[StorePath, list[Narinfo]] = {p: [] for p in todo}
         remaining = list(todo)
         acl = self.acl()
@@ -370,31 +393,53 @@ class Substituter:
                 return False
         display = self.sd.display(path)
         self.message(LVL_INFO, f"fetching path `{display}'...")
+        self.trace(f"@ substituter-started {display} substitute")
         errors: list[str] = []
         for entry in best_entries(hit.narinfo):
             staged = store._staging_path()
             try:
+                self.trace(f"@ download-started {display} {entry.url} {entry.file_size or '-'}")
                 digest, size = self._download(entry.url, entry.compression, staged)
+                self.trace(f"@ download-succeeded {display} {entry.url} {size}")
                 self._check(hit.narinfo, display, digest, size)
             except FetchError as exc:
                 store_delete(staged)
                 errors.append(str(exc))
                 self.message(LVL_ERROR, str(exc))
-                if "hash mismatch" in str(exc):
+                if isinstance(exc, HashMismatch):
+                    # Upstream's daemon reads `hash-mismatch ALGO EXPECTED ACTUAL` from `guix
+                    # substitute` and traces it, then the failure with that status line.
+                    self.trace(f"@ hash-mismatch {display} {exc.status}")
+                    self.trace(f"@ substituter-failed {display} hash-mismatch {exc.status} {exc}")
                     break
+                self.trace(f"@ substituter-failed {display} 1 {exc}")
                 continue
             except BaseException:
                 store_delete(staged)
                 raise
             store._install(
-                path, staged, hit.references, deriver=hit.deriver, nar_hash=digest, nar_size=size
-            )
-            return store.is_valid_path(path)
+                path, staged, hit.references, deriver=hit.deriver, nar_hash=digest,
+                nar_size=registered_size(hit.narinfo, size),
+            )  # fmt: skip
+            if not store.is_valid_path(path):
+                return False
+            self.trace(f"@ substituter-succeeded {display}")
+            return True
         if not errors:
             self.message(LVL_ERROR, f"no supported download for `{display}'")
+            self.trace(f"@ substituter-failed {display} 1 no supported download")
         return False
 
+    def trace(self, text: str) -> None:
+        """A build trace line (`--print-build-trace` / `#:print-build-trace`)."""
+        if self.store.settings.print_build_trace:
+            self.message(LVL_ERROR, text)
+
     def _check(self, info: Narinfo, display: str, digest: bytes, size: int) -> None:
+        """The NAR hash against the narinfo's `NarHash`.  Like upstream (`guix substitute`
+        compares the hash only), `NarSize` is not checked against the download."""
+        if not info.nar_hash:
+            raise FetchError(f"no NarHash in the narinfo of `{display}'")
         algo, _, expected_text = info.nar_hash.partition(":")
         if algo != "sha256":
             raise FetchError(f"unknown hash algorithm in `{info.nar_hash}'")
@@ -407,12 +452,16 @@ class Substituter:
         except ValueError:
             raise FetchError(f"bad hash from substituter: {info.nar_hash}") from None
         if expected != digest:
-            raise FetchError(f"hash mismatch for substituted item `{display}'")
-        if info.nar_size is not None and info.nar_size != size:
-            raise FetchError(f"size mismatch for substituted item `{display}'")
+            raise HashMismatch(
+                f"hash mismatch for substituted item `{display}'",
+                f"sha256 {base32.encode(expected)} {base32.encode(digest)}",
+            )
 
-    def _open(self, url: str) -> tuple[Iterator[bytes], Callable[[], None]]:
-        """A stream of body chunks of ``url`` (redirects followed)."""
+    def _open(self, url: str) -> tuple[Iterator[bytes], Callable[[], None], bool]:
+        """A stream of body chunks of ``url`` (redirects followed), its closer, and whether the
+        body has an end of its own (a file, a Content-Length, chunking).  Upstream's `guix
+        publish -C 0` streams NARs made on the fly with none of these on a kept-alive
+        connection: the end of the NAR structure is the only end there is."""
         for _ in range(6):
             parts = urlsplit(url)
             if parts.scheme == "file":
@@ -420,7 +469,7 @@ class Substituter:
                     f = open(unquote(parts.path), "rb")  # noqa: SIM115 - closed by the caller
                 except OSError as exc:
                     raise FetchError(f"download from '{url}' failed: {exc.strerror}") from None
-                return iter(functools.partial(f.read, _READ), b""), f.close
+                return iter(functools.partial(f.read, _READ), b""), f.close, True
             if parts.scheme not in ("http", "https"):
                 raise FetchError(f"{url}: unsupported URL scheme")
             host, port = parts.hostname or "localhost", parts.port
@@ -454,7 +503,7 @@ class Substituter:
                 if not r.isclosed():
                     self.conns.drop(s, h, p)
 
-            return chunks(), done
+            return chunks(), done, resp.length is not None or bool(resp.chunked)
         raise FetchError(f"download from '{url}' failed: too many redirects")
 
     def _download(self, url: str, compression: str, staged: str) -> tuple[bytes, int]:
@@ -465,7 +514,7 @@ class Substituter:
             raise FetchError(str(exc)) from None
         hasher = hashlib.sha256()
         size = 0
-        body, close = self._open(url)
+        body, close, framed = self._open(url)
         try:
             with nar.RestoreSink(staged) as sink:
                 parser = nar.NarParser(sink)
@@ -485,7 +534,10 @@ class Substituter:
                 try:
                     for chunk in body:
                         feed(decomp.decompress(chunk))
-                    feed(decomp.flush())
+                        if parser.done and not framed:
+                            break  # the connection is dropped by close(), unread
+                    else:
+                        feed(decomp.flush())
                 except (OSError, http.client.HTTPException) as exc:
                     raise FetchError(f"download from '{url}' failed: {exc}") from None
                 except (nar.NarError, ValueError) as exc:

@@ -58,7 +58,7 @@ class Narinfo:
     """A parsed narinfo.  ``references`` and ``deriver`` are base names, as in the text."""
 
     store_path: str
-    nar_hash: str
+    nar_hash: str  # "" when the narinfo has no NarHash
     nar_size: int | None
     references: list[str]
     deriver: str | None
@@ -209,9 +209,11 @@ def parse_narinfo(body: bytes, cache_url: str = "") -> Narinfo:
         else:
             single.setdefault(name, value)
     store_path = single.get("StorePath")
-    nar_hash = single.get("NarHash")
-    if store_path is None or nar_hash is None:
-        raise NarinfoError("narinfo lacks StorePath or NarHash")
+    if store_path is None:
+        raise NarinfoError("narinfo lacks StorePath")
+    # `read-narinfo` takes a narinfo without NarHash (the item is substitutable; fetching it
+    # then fails the hash check): "" here.
+    nar_hash = single.get("NarHash", "")
     urls = multi["URL"]
     sizes: list[int | None] = (
         [_number(s) for s in multi["FileSize"]] if multi["FileSize"] else [None] * len(urls)

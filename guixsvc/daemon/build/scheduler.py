@@ -239,15 +239,11 @@ class Worker:
                 # too); having no substitute is not a failure of the goal.
                 if self._repair_substitute(path) is False:
                     failed_paths.append(path)
-            elif not self.db.is_valid(path):
-                try:
-                    ok = self.store.substitute(self.store.sd.parse(path))
-                except StoreError as exc:
-                    self.msg(LVL_ERROR, str(exc))
-                    ok = False
-                if not ok:
-                    self.msg(LVL_ERROR, f"path `{path}' does not exist and cannot be created")
-                    failed_paths.append(path)
+            # Upstream's `SubstitutionGoal` ends with `ecNoSubstituters` when no server has the
+            # item, which `buildPaths` does not count as a failure: only a failed substitute is.
+            elif not self.db.is_valid(path) and self._substitute_counted(path) is False:
+                self.msg(LVL_ERROR, f"path `{path}' does not exist and cannot be created")
+                failed_paths.append(path)
         try:
             self._loop()
         finally:
@@ -438,7 +434,7 @@ class Worker:
             return True
         from guixsvc.daemon import substituter
 
-        sp = self.store.sd.parse(path)
+        sp = self.store.sd.parse_lax(path)
         try:
             if not substituter.for_store(self.store).have([sp]):
                 return None

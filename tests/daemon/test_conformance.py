@@ -1,0 +1,249 @@
+"""Behaviour pinned to upstream's daemon, found by running upstream's test suite against ours.
+
+Each test names the upstream test (tests/store.scm, tests/derivations.scm, tests/guix-daemon.sh of
+the 2022 tree) or source (nix/libstore/build.cc, nix/nix-daemon/nix-daemon.cc,
+guix/scripts/substitute.scm) whose behaviour it pins.  Substitutes come, as in upstream's suite,
+from a `file://` directory of hand-written narinfos with unauthenticated substitutes allowed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from guixsvc.protocol.client import DaemonClient, DaemonError
+from guixsvc.store import base32, nar
+from tests.conftest import Daemon, stop_daemon, store_env, wait_for_socket
+
+HASH = "0" * 31 + "1"
+
+
+def start(root: Path) -> Daemon:
+    env = store_env(root)
+    env["GUIX_ALLOW_UNAUTHENTICATED_SUBSTITUTES"] = "yes"
+    sock = str(root / "daemon.sock")
+    log = open(root / "daemon.log", "wb")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "guixsvc.daemon.cli", f"--listen={sock}", "--disable-chroot"],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    wait_for_socket(sock, proc, root / "daemon.log")
+    return Daemon(root, sock, env, proc)
+
+
+@pytest.fixture
+def d(tmp_path: Path) -> Iterator[Daemon]:
+    daemon = start(tmp_path)
+    try:
+        yield daemon
+    finally:
+        stop_daemon(daemon)
+
+
+def cache_dir(d: Daemon) -> Path:
+    path = d.root / "substitutes"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def write_narinfo(
+    d: Daemon, item: str, *, url: str = "example.nar", nar_hash: str | None, nar_size: int = 1234
+) -> None:
+    """A narinfo like upstream's `derivation-narinfo` (guix/tests.scm): NarSize 1234."""
+    lines = [f"StorePath: {item}", f"URL: {url}", "Compression: none", f"NarSize: {nar_size}"]
+    if nar_hash is not None:
+        lines.append(f"NarHash: sha256:{nar_hash}")
+    lines += ["References: ", "System: x86_64-linux"]
+    name = os.path.basename(item)[:32] + ".narinfo"
+    (cache_dir(d) / name).write_text("\n".join(lines) + "\n")
+
+
+def client(d: Daemon, log: list[str] | None = None) -> DaemonClient:
+    c = DaemonClient(d.socket, log=log.append if log is not None else None)
+    url = cache_dir(d).as_uri()
+    c.set_options(overrides=[("substitute-urls", url)])
+    return c
+
+
+CONTENTS = b"hello, world"
+NAR = nar.dump_regular(CONTENTS)
+
+
+def nar_hash32(data: bytes = NAR) -> str:
+    import hashlib
+
+    return base32.encode(hashlib.sha256(data).digest())
+
+
+# --- substitutes -------------------------------------------------------------------------------
+
+
+def test_nar_size_is_not_checked_and_the_narinfo_size_is_registered(d: Daemon) -> None:
+    """tests/store.scm "substitute" & co: the fixtures say NarSize 1234 whatever the NAR; the
+    daemon registers what `guix substitute` reported (`success HASH SIZE`): the narinfo's size
+    ("substitute and large size" expects 2^31 + 100 back from query-path-info)."""
+    item = f"{d.store_dir}/{HASH}-substitute-me"
+    (cache_dir(d) / "example.nar").write_bytes(NAR)
+    write_narinfo(d, item, nar_hash=nar_hash32(), nar_size=2**31 + 100)
+    with client(d) as c:
+        assert c.has_substitutes(item)
+        c.build_paths([item])
+        assert c.is_valid_path(item)
+        assert Path(item).read_bytes() == CONTENTS
+        assert c.query_path_info(item).nar_size == 2**31 + 100
+
+
+def test_has_substitutes_without_nar_hash(d: Daemon) -> None:
+    """tests/guix-daemon.sh (line 58): a narinfo without NarHash still makes the item
+    substitutable; fetching it then fails and leaves nothing behind."""
+    item = f"{d.store_dir}/{HASH}-no-hash"
+    (cache_dir(d) / "example.nar").write_bytes(NAR)
+    write_narinfo(d, item, url="/nowhere/example.nar", nar_hash=None)
+    with client(d) as c:
+        assert c.has_substitutes(item)
+        assert c.query_substitutable_paths([item]) == [item]
+        with pytest.raises(DaemonError, match="cannot be created"):
+            c.ensure_path(item)
+        assert not c.is_valid_path(item)
+    assert not os.path.exists(item)
+
+
+def test_traces_of_a_hash_mismatch(d: Daemon) -> None:
+    """tests/store.scm "substitute, corrupt output hash, build trace": `@ hash-mismatch ITEM
+    sha256 EXPECTED ACTUAL` then `@ substituter-failed ITEM ...` (build.cc, `finished`)."""
+    item = f"{d.store_dir}/{HASH}-corrupt-substitute"
+    (cache_dir(d) / "example.nar").write_bytes(NAR)
+    zeros = base32.encode(bytes(32))
+    write_narinfo(d, item, nar_hash=zeros)
+    log: list[str] = []
+    with client(d, log) as c:
+        with pytest.raises(DaemonError) as err:
+            c.build_paths([item])
+        assert err.value.status != 0
+        assert not c.is_valid_path(item)
+    text = "".join(log)
+    assert f"@ substituter-started {item} substitute\n" in text
+    assert f"@ hash-mismatch {item} sha256 {zeros} {nar_hash32()}\n" in text
+    assert f"@ substituter-failed {item} " in text
+    assert f"hash mismatch for substituted item `{item}'" in text
+
+
+def test_traces_of_a_substitution(d: Daemon) -> None:
+    item = f"{d.store_dir}/{HASH}-traced"
+    (cache_dir(d) / "example.nar").write_bytes(NAR)
+    write_narinfo(d, item, nar_hash=nar_hash32())
+    log: list[str] = []
+    with client(d, log) as c:
+        c.build_paths([item])
+    text = "".join(log)
+    assert f"@ substituter-started {item} substitute\n" in text
+    assert f"@ substituter-succeeded {item}\n" in text
+    assert text.index("substituter-started") < text.index("substituter-succeeded")
+
+
+def test_build_things_of_an_output_path_without_substitute(d: Daemon) -> None:
+    """tests/store.scm "build-things with output path": no substitute for the item is not a
+    failure (`ecNoSubstituters`), nothing is built."""
+    item = f"{d.store_dir}/{HASH}-nowhere"
+    with client(d) as c:
+        c.build_paths([item])
+        assert not c.is_valid_path(item)
+        c.set_options(use_substitutes=False)
+        c.build_paths([item])
+        assert not c.is_valid_path(item)
+
+
+def test_built_in_builders(d: Daemon) -> None:
+    """tests/derivations.scm "built-in-builders": only what is implemented is advertised
+    (newer clients pick `builtin:git-download` because it is advertised)."""
+    with client(d) as c:
+        assert c.builtin_builders() == ["download"]
+
+
+class _UnframedServer:
+    """Serves one NAR like upstream's `guix publish -C 0`: no Content-Length, no chunking, and
+    the connection kept open afterwards."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.sock.accept()
+                self.conns.append(conn)
+                conn.recv(65536)
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/x-nix-archive\r\n"
+                    b"Connection: keep-alive\r\n\r\n" + self.body
+                )
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.conns:
+            conn.close()
+
+
+def test_uncompressed_nar_without_length_ends_with_the_nar(d: Daemon) -> None:
+    """Upstream's client stops at the end of the NAR structure; reading until EOF would wait
+    for the kept-alive connection to time out and fail."""
+    server = _UnframedServer(NAR)
+    try:
+        item = f"{d.store_dir}/{HASH}-unframed"
+        url = f"http://127.0.0.1:{server.port}/nar/{HASH}-unframed"
+        write_narinfo(d, item, url=url, nar_hash=nar_hash32())
+        with client(d) as c:
+            c.sock.settimeout(25)
+            c.ensure_path(item)
+            assert Path(item).read_bytes() == CONTENTS
+    finally:
+        server.close()
+
+
+# --- store file names --------------------------------------------------------------------------
+
+
+def test_names_without_a_nix_base32_hash_part(d: Daemon) -> None:
+    """tests/store.scm "valid-path? false" and (guix nar)'s `temporary-store-file`: upstream
+    checks only that a path is directly in the store; the session goes on after errors on
+    such names (QueryPathInfo, QueryValidDerivers, AddTempRoot)."""
+    bogus = f"{d.store_dir}/{'e' * 32}-foobar"
+    temp = f"{d.store_dir}/guix-Ab3dE9"
+    with client(d) as c:
+        assert not c.is_valid_path(bogus)
+        assert c.query_valid_derivers(bogus) == []
+        with pytest.raises(DaemonError, match="is not valid"):
+            c.query_path_info(bogus)
+        c.add_temp_root(temp)
+        c.add_temp_root(bogus)
+        roots = (Path(d.state_dir) / "temproots").iterdir()
+        held = b"".join(r.read_bytes() for r in roots).split(b"\0")
+        assert temp.encode() in held and bogus.encode() in held
+        assert c.query_valid_paths([bogus, temp]) == []
+        with pytest.raises(DaemonError, match="not in the store"):
+            c.is_valid_path("foo")
+        with pytest.raises(DaemonError, match="is not valid"):
+            c.query_path_info(temp)
+        # Still the same session, still working.
+        p = c.add_text_to_store("after-errors", b"yes")
+        assert c.is_valid_path(p)
+
+
+@pytest.mark.parametrize("name", ["..", ".", ".links", "a/b"])
+def test_dot_names_and_subdirectories_are_refused(d: Daemon, name: str) -> None:
+    """Beyond upstream: `.`, `..`, dot files and sub-directories are never store items."""
+    with client(d) as c, pytest.raises(DaemonError, match="not in the store"):
+        c.is_valid_path(f"{d.store_dir}/{name}")
