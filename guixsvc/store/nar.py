@@ -21,9 +21,13 @@ from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 from guixsvc.store.hashes import new_hasher
+from guixsvc.store.safefs import ENTER, LEAVE, TreeChanged, open_nofollow, walk
 
 __all__ = [
     "DEFAULT_MAX_TOKEN",
+    "MAX_NAR_DEPTH",
+    "MAX_NAR_ENTRIES",
+    "MAX_NAR_PATH",
     "MAX_SYMLINK_TARGET",
     "NarError",
     "NarParser",
@@ -43,6 +47,19 @@ DEFAULT_MAX_TOKEN = 64 * 1024
 
 MAX_SYMLINK_TARGET = 4096
 """Largest symlink target the parser accepts (Linux PATH_MAX)."""
+
+MAX_NAR_DEPTH = 10_000
+"""Deepest directory nesting an archive may have (the top directory is level 0).
+
+Upstream has no explicit bound (its recursive parser and path-based restore fail somewhere past
+PATH_MAX); legitimate store items stay far below, and the bound keeps one archive from costing
+more than linear memory and bounded time in the parser and the restore sink."""
+
+MAX_NAR_PATH = 65_536
+"""Longest path (in characters, components joined with `/`) of a node inside an archive."""
+
+MAX_NAR_ENTRIES = 16_000_000
+"""Most directory entries (files, directories and symlinks below the top) an archive may have."""
 
 _READ_CHUNK = 1 << 20  # file contents are read this many bytes at a time
 _SMALL_FILE = 64 * 1024  # files up to this size are batched with the surrounding tokens
@@ -120,66 +137,60 @@ def dump(path: str | os.PathLike[str] | bytes) -> Iterator[bytes]:
     Directory entries are sorted bytewise; file contents are read in chunks of 1 MiB, and small
     tokens and small files are batched into chunks of about 256 KiB.  Raises NarError for file
     types NAR cannot represent (`file `X' has an unsupported type`) and OSError for I/O errors.
-    The directory tree is walked without recursion, so depth is not limited by Python's stack.
+    The tree is walked by `safefs.walk`: relative to directory descriptors, never following a
+    symlink, without recursion, so neither depth nor path length (beyond PATH_MAX) is limited.
     """
-    top = os.fsencode(path)
     buf = bytearray(_HEADER)
-    # Stack of open directories: (path, iterator over the remaining sorted entry names).
-    stack: list[tuple[bytes, Iterator[bytes]]] = []
-    node: bytes | None = top
-    while True:
-        if node is not None:
-            st = os.lstat(node)
-            mode = st.st_mode
-            if stat.S_ISREG(mode):
-                size = st.st_size
-                buf += _REGULAR
-                if mode & stat.S_IXUSR:
-                    buf += _EXECUTABLE
-                buf += _CONTENTS
-                buf += size.to_bytes(8, "little")
-                if size:
-                    fd = os.open(node, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-                    try:
-                        if size <= _SMALL_FILE:
-                            for chunk in _read_exactly(fd, size, node):
-                                buf += chunk
-                        else:
-                            yield bytes(buf)
-                            buf.clear()
-                            yield from _read_exactly(fd, size, node)
-                    finally:
-                        os.close(fd)
-                    buf += _ZEROS[: _pad_len(size)]
-                buf += _CLOSE2 if stack else _CLOSE
-            elif stat.S_ISDIR(mode):
-                buf += _DIRECTORY
-                stack.append((node, iter(sorted(os.listdir(node)))))
-            elif stat.S_ISLNK(mode):
-                buf += _SYMLINK
-                buf += _str(os.readlink(node))
-                buf += _CLOSE2 if stack else _CLOSE
-            else:
-                raise NarError(f"file `{os.fsdecode(node)}' has an unsupported type")
+    for node in walk(os.fsdecode(path), sort=True):
+        kind, depth = node.kind, node.depth
+        if kind == LEAVE:
+            buf += _CLOSE2 if depth else _CLOSE
             if len(buf) >= _FLUSH:
                 yield bytes(buf)
                 buf.clear()
-        # Find the next node: the next entry of the innermost unfinished directory.
-        node = None
-        while stack:
-            dir_path, names = stack[-1]
-            name = next(names, None)
-            if name is not None:
-                buf += _ENTRY
-                buf += _str(name)
-                buf += _NODE
-                node = dir_path + b"/" + name
-                break
-            stack.pop()
-            # Close the directory node, and the entry holding it if it is not the top.
-            buf += _CLOSE2 if stack else _CLOSE
-        if node is None:
-            break
+            continue
+        if depth:
+            buf += _ENTRY
+            buf += _str(os.fsencode(node.name))
+            buf += _NODE
+        st = node.st
+        mode = st.st_mode
+        if kind == ENTER:
+            buf += _DIRECTORY
+        elif stat.S_ISREG(mode):
+            size = st.st_size
+            buf += _REGULAR
+            if mode & stat.S_IXUSR:
+                buf += _EXECUTABLE
+            buf += _CONTENTS
+            buf += size.to_bytes(8, "little")
+            if size:
+                fd = open_nofollow(node.name, node.parent_fd)
+                try:
+                    fst = os.fstat(fd)
+                    if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
+                        raise TreeChanged(node.path)
+                    display = os.fsencode(node.path)
+                    if size <= _SMALL_FILE:
+                        for chunk in _read_exactly(fd, size, display):
+                            buf += chunk
+                    else:
+                        yield bytes(buf)
+                        buf.clear()
+                        yield from _read_exactly(fd, size, display)
+                finally:
+                    os.close(fd)
+                buf += _ZEROS[: _pad_len(size)]
+            buf += _CLOSE2 if depth else _CLOSE
+        elif stat.S_ISLNK(mode):
+            buf += _SYMLINK
+            buf += _str(os.readlink(os.fsencode(node.name), dir_fd=node.parent_fd))
+            buf += _CLOSE2 if depth else _CLOSE
+        else:
+            raise NarError(f"file `{node.path}' has an unsupported type")
+        if len(buf) >= _FLUSH:
+            yield bytes(buf)
+            buf.clear()
     if buf:
         yield bytes(buf)
 
@@ -242,11 +253,13 @@ class NullSink:
 
 
 class _OpenDir:
-    __slots__ = ("fd", "path")
+    __slots__ = ("dev", "fd", "ino", "name")
 
-    def __init__(self, path: str, fd: int) -> None:
-        self.path = path  # relative path inside the archive
+    def __init__(self, name: str, fd: int) -> None:
+        self.name = name  # last component of the directory's path inside the archive
         self.fd = fd  # -1 while closed
+        st = os.fstat(fd)
+        self.dev, self.ino = st.st_dev, st.st_ino
 
 
 class RestoreSink:
@@ -261,11 +274,11 @@ class RestoreSink:
 
     def __init__(self, dest: str | os.PathLike[str] | bytes) -> None:
         self.dest = os.fsencode(dest)
-        # Chain of directories from the top to the current one.  To bound the number of
-        # descriptors in very deep trees, the fds of entries 1 .. _low-1 are closed (-1) and
-        # reopened from the top directory when needed again.
+        # Chain of directories from the top to the current one (names only, so memory stays
+        # linear in the depth).  To bound the number of descriptors in very deep trees, only
+        # the top one and the last _MAX_OPEN_DIRS are kept open; a closed one is reopened
+        # through `..` of its child (checked to be the same inode) when the walk climbs back.
         self._dirs: list[_OpenDir] = []
-        self._low = 1
         self._fd = -1
 
     # context management ----------------------------------------------------------------------
@@ -289,52 +302,46 @@ class RestoreSink:
     # helpers ---------------------------------------------------------------------------------
 
     def _locate(self, path: str) -> tuple[int | None, bytes, str]:
-        """Directory fd (None for the top node), name relative to it, and a display name."""
+        """Directory fd (None for the top node), name relative to it, and a display name.
+
+        Events come in pre-order from NarParser, so the parent of `path` is the directory at
+        depth `path.count("/")` of the current chain.
+        """
         if path == "":
             return None, self.dest, os.fsdecode(self.dest)
-        parent, _, name = path.rpartition("/")
+        parent_depth = path.count("/")
+        name = path[path.rfind("/") + 1 :]
         dirs = self._dirs
-        while dirs and dirs[-1].path != parent:
-            fd = dirs.pop().fd
-            if fd >= 0:
-                os.close(fd)
-        if not dirs:
+        while len(dirs) > parent_depth + 1:
+            child = dirs.pop()
+            try:
+                if dirs[-1].fd < 0:
+                    self._reopen_parent(child)
+            finally:
+                os.close(child.fd)
+        if len(dirs) != parent_depth + 1:
             raise NarError(f"cannot restore `{path}': its parent is not a restored directory")
-        top = len(dirs) - 1
-        if dirs[top].fd < 0:
-            self._reopen(top)
-        elif self._low > len(dirs):
-            self._low = len(dirs)
         display = os.fsdecode(self.dest) + "/" + path
-        return dirs[top].fd, os.fsencode(name), display
+        return dirs[-1].fd, os.fsencode(name), display
 
-    def _reopen(self, index: int) -> None:
-        """Reopen directory `index` by walking down from the top one without following links."""
-        top_fd = fd = self._dirs[0].fd
-        try:
-            for component in self._dirs[index].path.split("/"):
-                new = os.open(
-                    os.fsencode(component),
-                    os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                    dir_fd=fd,
-                )
-                if fd != top_fd:
-                    os.close(fd)
-                fd = new
-        except BaseException:
-            if fd != top_fd:
-                os.close(fd)
-            raise
-        self._dirs[index].fd = fd
-        self._low = index
+    def _reopen_parent(self, child: _OpenDir) -> None:
+        parent = self._dirs[-1]
+        fd = os.open(
+            "..", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=child.fd
+        )
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != (parent.dev, parent.ino):
+            os.close(fd)
+            raise NarError(f"directory `{os.fsdecode(self.dest)}' was modified during restore")
+        parent.fd = fd
 
-    def _push_dir(self, path: str, fd: int) -> None:
+    def _push_dir(self, name: str, fd: int) -> None:
         dirs = self._dirs
-        dirs.append(_OpenDir(path, fd))
-        if len(dirs) - self._low > _MAX_OPEN_DIRS:
-            os.close(dirs[self._low].fd)
-            dirs[self._low].fd = -1
-            self._low += 1
+        dirs.append(_OpenDir(name, fd))
+        victim = len(dirs) - 1 - _MAX_OPEN_DIRS
+        if victim >= 1 and dirs[victim].fd >= 0:
+            os.close(dirs[victim].fd)
+            dirs[victim].fd = -1
 
     # NarSink ---------------------------------------------------------------------------------
 
@@ -349,7 +356,7 @@ class RestoreSink:
             )
         except OSError as exc:
             raise OSError(exc.errno, f"creating directory `{display}'") from exc
-        self._push_dir(path, fd)
+        self._push_dir(path[path.rfind("/") + 1 :], fd)
 
     def symlink(self, path: str, target: bytes) -> None:
         dir_fd, name, display = self._locate(path)
@@ -428,10 +435,10 @@ _TYPES = {b"regular": _T_REGULAR, b"directory": _T_DIRECTORY, b"symlink": _T_SYM
 
 
 class _Node:
-    __slots__ = ("contents", "executable", "path", "prev_name", "target", "type")
+    __slots__ = ("contents", "executable", "name_len", "prev_name", "target", "type")
 
-    def __init__(self, path: str) -> None:
-        self.path = path
+    def __init__(self, name_len: int) -> None:
+        self.name_len = name_len  # characters this node adds to the parser's current path
         self.type = _T_UNKNOWN
         self.executable = False
         self.contents = False  # "contents" seen (regular files)
@@ -480,6 +487,8 @@ class NarParser:
         self._data_size = 0  # size of the current file's contents
         self._state = _S_HEADER
         self._stack: list[_Node] = []
+        self._path = ""  # path of the innermost open node ("" for the top), "a/b" below
+        self.entries = 0  # directory entries seen so far
         self._entry_name = b""
         self._late_exec = getattr(sink, "file_executable", None)
 
@@ -587,7 +596,7 @@ class NarParser:
             size = int.from_bytes(chunk, "little")
             self._data_size = size
             node = self._stack[-1]
-            self.sink.file_start(node.path, node.executable, size)
+            self.sink.file_start(self._path, node.executable, size)
             if size:
                 self._mode = _M_DATA
                 self._left = size
@@ -645,10 +654,17 @@ class NarParser:
             self._entry(tok)
         elif state == _S_ENTRY_NODE_TAG:
             if tok == b"node":
-                parent = self._stack[-1]
                 name = _show(self._entry_name)
-                path = name if parent.path == "" else parent.path + "/" + name
-                self._stack.append(_Node(path))
+                if len(self._stack) > MAX_NAR_DEPTH:
+                    raise _bad(f"directory tree deeper than {MAX_NAR_DEPTH} levels")
+                self.entries += 1
+                if self.entries > MAX_NAR_ENTRIES:
+                    raise _bad(f"more than {MAX_NAR_ENTRIES} entries")
+                old = self._path
+                self._path = name if old == "" else old + "/" + name
+                if len(self._path) > MAX_NAR_PATH:
+                    raise _bad(f"file name longer than {MAX_NAR_PATH} bytes")
+                self._stack.append(_Node(len(self._path) - len(old)))
                 self._state = _S_OPEN
             elif tok == b")":
                 raise _bad("entry node missing")
@@ -663,12 +679,12 @@ class NarParser:
         elif state == _S_TARGET:
             node = self._stack[-1]
             node.target = True
-            self.sink.symlink(node.path, tok)
+            self.sink.symlink(self._path, tok)
             self._state = _S_FIELD
         else:  # _S_HEADER
             if tok != NAR_VERSION_MAGIC:
                 raise _bad("input doesn't look like a normalized archive")
-            self._stack.append(_Node(""))
+            self._stack.append(_Node(0))
             self._state = _S_OPEN
 
     def _set_type(self, tok: bytes) -> None:
@@ -678,7 +694,7 @@ class NarParser:
             raise _bad(f"unknown file type {_show(tok)}")
         node.type = t
         if t == _T_DIRECTORY:
-            self.sink.directory(node.path)
+            self.sink.directory(self._path)
         self._state = _S_FIELD
 
     def _field(self, tok: bytes) -> None:
@@ -722,11 +738,13 @@ class NarParser:
         t = node.type
         if t == _T_REGULAR:
             if not node.contents:
-                self.sink.file_start(node.path, node.executable, 0)
+                self.sink.file_start(self._path, node.executable, 0)
             self.sink.file_end()
         elif t == _T_SYMLINK and not node.target:
             raise _bad("symlink without a target")
         self._stack.pop()
+        if node.name_len:
+            self._path = self._path[: len(self._path) - node.name_len]
         if self._stack:
             self._state = _S_ENTRY_CLOSE
         else:

@@ -235,7 +235,7 @@ def walk(
     The tree is `path`, or entry `name` of the directory `dir_fd` (then `path`, if given, is
     only the display name).  `sort` sorts each directory bytewise (NAR order).  An entry that
     vanishes during the walk is skipped; the top node missing yields nothing if `missing_ok`,
-    else raises SysError(ENOENT).  A directory replaced by something else between its lstat and
+    else raises FileNotFoundError.  A directory replaced by something else between its lstat and
     its opening is reported as what it now is; a directory moved away from under the walk
     raises TreeChanged.  At most MAX_OPEN_DIRS + 2 descriptors are open at a time.
     `fix_access` gives u+rwx to directories the daemon may not open (removal as non-root).
@@ -255,7 +255,7 @@ def walk(
         if st is None:
             if missing_ok:
                 return
-            raise SysError(f"getting attributes of path `{display}'", errno.ENOENT)
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), display)
         yield from _walk_from(dir_fd, name, display, st, sort, fix_access, levels)
     finally:
         for level in levels:
