@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "publish": ("guixsvc.publish.cli", "publish the store over HTTP (as guix publish)"),
     "archive": ("guixsvc.archive", "keys, export and import of store items (as guix archive)"),
     "gc": ("guixsvc.gc.cli", "collect garbage and query the store (as guix gc)"),
+    "build": ("guixsvc.build_cli", "build derivations (as guix build FILE.drv)"),
+    "download": ("guixsvc.download", "download a file to the store and print its hash"),
     "units": ("guixsvc.units", "render the systemd units"),
     "discover": ("guixsvc.daemon.discover", "discover publish servers with Avahi (guix discover)"),
 }

@@ -18,9 +18,12 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Generic, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Generic, NoReturn, TypeVar
 
 from guixsvc import __version__
+
+if TYPE_CHECKING:
+    from guixsvc.protocol.client import DaemonClient
 
 __all__ = [
     "BUG_REPORT",
@@ -28,6 +31,7 @@ __all__ = [
     "Option",
     "Unrecognized",
     "UsageError",
+    "connect_daemon",
     "error",
     "help_option",
     "info",
@@ -221,6 +225,22 @@ def option_hint(name: str, long_names: Iterable[str]) -> str | None:
         if distance < best_distance:
             best, best_distance = candidate, distance
     return best
+
+
+# --- the daemon ---------------------------------------------------------------------------------
+
+
+def connect_daemon(log: Callable[[str], None] | None = None) -> DaemonClient:
+    """`open-connection` as the commands see it: `GUIX_DAEMON_SOCKET` or the default socket;
+    failing to connect is upstream's ``failed to connect to `URI': STRERROR`` (exit 1)."""
+    from guixsvc.protocol.client import DaemonClient, default_socket
+
+    uri = default_socket()
+    try:
+        return DaemonClient(uri, log=log)
+    except OSError as e:
+        reason = os.strerror(e.errno) if e.errno else str(e)
+        raise UsageError(f"failed to connect to `{uri}': {reason}") from None
 
 
 # --- diagnostics --------------------------------------------------------------------------------
