@@ -268,15 +268,27 @@ def render_landing_page(
     use = (
         "# for one command:\n"
         f"guix build --substitute-urls='{url}' hello\n"
-        "# for every command, in the daemon (keeping the project's servers after this one):\n"
+        "# for every command, in the daemon (Guix's official servers kept after this one):\n"
         f"guix-daemon --substitute-urls='{url} https://bordeaux.guix.gnu.org"
-        " https://ci.guix.gnu.org'"
+        " https://ci.guix.gnu.org'\n"
+        "# what this server has for a package, and how fast it answers:\n"
+        f"guix weather --substitute-urls='{url}' hello"
+    )
+    guix_system = (
+        f";; config.scm, with the key saved next to it as {key_file} (see above).\n"
+        "(modify-services %base-services\n"
+        "  (guix-service-type config =>\n"
+        "    (guix-configuration\n"
+        "      (inherit config)\n"
+        f'      (substitute-urls (cons "{url}" %default-substitute-urls))\n'
+        f'      (authorized-keys (cons (local-file "{key_file}")\n'
+        "                             %default-authorized-guix-keys)))))"
     )
     nixos = (
         f"# configuration.nix, with the key saved next to it as {key_file} (see above).\n"
-        "# These lists replace the defaults; prepend\n"
-        "#   options.services.guix.substituters.urls.default ++\n"
-        "# (and .authorizedKeys.default ++) to keep the official servers too.\n"
+        "# Setting these lists drops Guix's official servers; to keep them, write\n"
+        "#   options.services.guix.substituters.urls.default ++ [ ... ]\n"
+        "# (likewise for authorizedKeys), with `options` among the module's arguments.\n"
         f'services.guix.substituters.urls = [ "{url}" ];\n'
         f"services.guix.substituters.authorizedKeys = [ ./{key_file} ];"
     )
@@ -303,6 +315,8 @@ def render_landing_page(
         f"<pre>{e(trust)}</pre>\n"
         "<h2>Using it</h2>\n"
         f"<pre>{e(use)}</pre>\n"
+        "<h2>On Guix System</h2>\n"
+        f"<pre>{e(guix_system)}</pre>\n"
         "<h2>On NixOS</h2>\n"
         f"<pre>{e(nixos)}</pre>\n"
         "<h2>For machines and monitoring</h2>\n<ul>\n"
@@ -601,10 +615,14 @@ class PublishServer:
                     chunk = chunk[: length - sent]
                 await response.write(chunk)
                 sent += len(chunk)
+            await response.write_eof()
+        except ConnectionError:
+            # The client went away: normal (upstream's `guix substitute` leaves the final CRLF
+            # of a chunked body unread and drops the connection; downloads get interrupted).
+            self.log.write(f"-> {request.method} {request.path}: client went away\n")
         finally:
             await loop.run_in_executor(self.io, producer.close)
             self.metrics.sent("nar", sent)
-        await response.write_eof()
         return response
 
     async def content_addressed(

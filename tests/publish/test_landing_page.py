@@ -98,6 +98,8 @@ def test_url_comes_from_the_host_header(server: tuple[Node, str, str]) -> None:
         "services.guix.substituters.authorizedKeys = [ ./substitutes-cache.example.org-8181.pub ];"
         in page
     )
+    assert f"(substitute-urls (cons &quot;{base}&quot; %default-substitute-urls))" in page
+    assert "(authorized-keys (cons (local-file &quot;substitutes-cache.example.org-8181.pub" in page
     assert f"<code>{node.store}</code>" in page
     assert "zstd (level 3), gzip (level 3)" in page
     for link in ("nix-cache-info", "metrics", "health", "signing-key.pub"):
