@@ -9,14 +9,30 @@ file names.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
-from guixsvc import __version__
+from guixsvc.build_cli import (
+    STANDARD_BUILD_OPTIONS_HELP,
+    BuildOptions,
+    standard_build_options,
+    string_to_number,
+)
+from guixsvc.cliargs import (
+    BUG_REPORT,
+    Option,
+    UsageError,
+    connect_daemon,
+    help_option,
+    parse_command_line,
+    run_command,
+    version_option,
+)
 from guixsvc.pki import keys
 from guixsvc.pki.sexp import SExpError
+from guixsvc.protocol.client import DaemonError
 from guixsvc.store import nar
 from guixsvc.store.config import StoreConfig
 
@@ -35,35 +51,79 @@ def _hint(message: str) -> None:
     sys.stderr.write(f"hint: {message}\n")
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, usage="guix archive [OPTION]... PACKAGE...",
-                                add_help=False)  # fmt: skip
-    a = p.add_argument
-    a("--export", action="store_true", help="export the specified files/packages to stdout")
-    a("-r", "--recursive", action="store_true", help="combined with '--export', include deps")
-    a("--import", dest="import_", action="store_true", help="import from the archive on stdin")
-    a("--missing", action="store_true", help="print the files from stdin that are missing")
-    a("-x", "--extract", metavar="DIR", help="extract the archive on stdin to DIR")
-    a("-t", "--list", action="store_true", help="list the files in the archive on stdin")
-    a("--generate-key", nargs="?", const="", default=None, metavar="PARAMETERS",
-      help="generate a key pair with the given parameters")  # fmt: skip
-    a("--authorize", action="store_true", help="authorize imports signed by the key on stdin")
-    a("-e", "--expression", help=argparse.SUPPRESS)
-    a("-S", "--source", action="store_true", help=argparse.SUPPRESS)
-    a("-s", "--system", help=argparse.SUPPRESS)
-    a("--target", help=argparse.SUPPRESS)
-    a("-v", "--verbosity", help=argparse.SUPPRESS)
-    a("-n", "--dry-run", action="store_true", help=argparse.SUPPRESS)
-    for flag in ("--fallback", "--no-substitutes", "--no-grafts", "--no-offload",
-                 "--no-build-hook", "-K", "--keep-failed", "-k", "--keep-going"):  # fmt: skip
-        a(flag, action="store_true", help=argparse.SUPPRESS)
-    for flag in ("--substitute-urls", "--max-silent-time", "--timeout", "--debug", "--rounds",
-                 "-c", "--cores", "-M", "--max-jobs", "-L", "--load-path"):  # fmt: skip
-        a(flag, help=argparse.SUPPRESS)
-    a("-h", "--help", action="help", help="display this help and exit")
-    a("-V", "--version", action="version", version=f"guix archive (GNU Guix) {__version__}")
-    a("items", nargs="*")
-    return p
+HELP = f"""\
+Usage: guix archive [OPTION]... PACKAGE...
+Export/import one or more packages from/to the store.
+
+      --export           export the specified files/packages to stdout
+  -r, --recursive        combined with '--export', include dependencies
+      --import           import from the archive passed on stdin
+      --missing          print the files from stdin that are missing
+  -x, --extract=DIR      extract the archive on stdin to DIR
+  -t, --list             list the files in the archive on stdin
+
+      --generate-key[=PARAMETERS]
+                         generate a key pair with the given parameters
+      --authorize        authorize imports signed by the public key on stdin
+
+  -e, --expression=EXPR  build the package or derivation EXPR evaluates to
+  -S, --source           build the packages' source derivations
+  -s, --system=SYSTEM    attempt to build for SYSTEM--e.g., "i686-linux"
+      --target=TRIPLET   cross-build for TRIPLET--e.g., "armel-linux-gnu"
+  -v, --verbosity=LEVEL  use the given verbosity LEVEL
+{STANDARD_BUILD_OPTIONS_HELP}
+
+  -h, --help             display this help and exit
+  -V, --version          display version information and exit
+{BUG_REPORT}"""
+
+
+@dataclass
+class ArchiveOptions(BuildOptions):
+    export: bool = False
+    recursive: bool = False
+    import_: bool = False
+    missing: bool = False
+    extract: str | None = None
+    list: bool = False
+    generate_key: str | None = None
+    authorize: bool = False
+    expression: str | None = None
+    source: bool = False
+
+
+def _set(name: str, value: object = True) -> Callable[[ArchiveOptions, str | None], None]:
+    def handle(opts: ArchiveOptions, arg: str | None) -> None:
+        setattr(opts, name, arg if value is None else value)
+
+    return handle
+
+
+def _verbosity(opts: ArchiveOptions, arg: str | None) -> None:
+    assert arg is not None
+    opts.verbosity = string_to_number(arg)
+
+
+# `%options` of guix/scripts/archive.scm, then `%standard-build-options`.
+OPTIONS: list[Option[ArchiveOptions]] = [
+    help_option(HELP),
+    version_option(PROG),
+    Option(("export",), _set("export")),
+    Option(("r", "recursive"), _set("recursive")),
+    Option(("import",), _set("import_")),
+    Option(("missing",), _set("missing")),
+    Option(("extract", "x"), _set("extract", None), required=True),
+    Option(("list", "t"), _set("list")),
+    Option(("generate-key",), lambda o, a: setattr(o, "generate_key", a or ""), optional=True),
+    Option(("authorize",), _set("authorize")),
+    Option(("S", "source"), _set("source")),
+    Option(("s", "system"), lambda o, a: None, required=True),
+    Option(("target",), lambda o, a: None, required=True),
+    Option(("e", "expression"), _set("expression", None), required=True),
+    Option(("v", "verbosity"), _verbosity, required=True),
+    Option(("n", "dry-run"), _set("dry_run")),
+    *standard_build_options(),  # type: ignore[list-item]
+]  # type: ignore[assignment]
 
 
 def generate_key(config: StoreConfig, parameters: str) -> None:
@@ -168,61 +228,69 @@ def _feed_stdin(parser: nar.NarParser) -> None:
         parser.feed(chunk)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    config = StoreConfig.from_env(daemon=False)
-    try:
-        if args.generate_key is not None:
-            generate_key(config, args.generate_key)
-            return 0
-        if args.authorize:
-            authorize(config, sys.stdin.buffer.read())
-            return 0
-        if args.expression or args.source:
-            raise ArchiveError("packages and expressions are not supported; give store items")
-        if args.list:
-            parser = nar.NarParser(_ListSink(sys.stdout))
-            _feed_stdin(parser)
-            return 0
-        if args.extract:
-            with nar.RestoreSink(args.extract) as sink:
-                _feed_stdin(nar.NarParser(sink))
-            return 0
-        if not (args.export or args.import_ or args.missing):
-            raise ArchiveError("either '--export' or '--import' must be specified")
-        from guixsvc.protocol.client import DaemonClient, DaemonError
-
-        try:
-            with DaemonClient() as client:
-                if args.export:
-                    items = [os.path.abspath(i) for i in args.items]
-                    if not items:
-                        _warning("no arguments specified; creating an empty archive")
-                    order = topologically_sorted(client, items, args.recursive)
-                    out = sys.stdout.buffer
-                    for chunk in client.export_paths(order, sign=True):
-                        out.write(chunk)
-                    out.flush()
-                elif args.import_:
-                    client.import_paths(sys.stdin.buffer)
-                else:
-                    names = [ln for ln in sys.stdin.read().split("\n") if ln]
-                    valid = set(client.query_valid_paths(names))
-                    for name in names:
-                        if name not in valid:
-                            sys.stdout.write(f"{name}\n")
-        except DaemonError as exc:
-            raise ArchiveError(exc.message) from None
-    except ArchiveError as exc:
-        sys.stderr.write(f"{PROG}: error: {exc}\n")
-        return 1
-    except nar.NarError as exc:
-        sys.stderr.write(f"{PROG}: error: {exc}\n")
-        return 1
-    except OSError as exc:
-        sys.stderr.write(f"{PROG}: error: {exc.strerror}: {exc.filename or ''}\n")
-        return 1
+def _run(args: ArchiveOptions, config: StoreConfig) -> int:
+    if args.generate_key is not None:
+        generate_key(config, args.generate_key)
+        return 0
+    if args.authorize:
+        authorize(config, sys.stdin.buffer.read())
+        return 0
+    if args.expression or args.source:
+        raise UsageError("packages and expressions are not supported; give store items")
+    if args.list:
+        parser = nar.NarParser(_ListSink(sys.stdout))
+        _feed_stdin(parser)
+        return 0
+    if args.extract:
+        with nar.RestoreSink(args.extract) as sink:
+            _feed_stdin(nar.NarParser(sink))
+        return 0
+    if not (args.export or args.import_ or args.missing):
+        raise UsageError("either '--export' or '--import' must be specified")
+    with connect_daemon() as client:
+        if args.export:
+            # `options->derivations+files`: store file names are exported as they are,
+            # anything else names a package.
+            for item in args.arguments:
+                if not item.startswith(config.store_dir):
+                    raise UsageError(f"{item}: unknown package")
+            if not args.arguments:
+                _warning("no arguments specified; creating an empty archive")
+            order = topologically_sorted(client, args.arguments, args.recursive)
+            out = sys.stdout.buffer
+            for chunk in client.export_paths(order, sign=True):
+                out.write(chunk)
+            out.flush()
+        elif args.import_:
+            client.import_paths(sys.stdin.buffer)
+        else:
+            names = [ln for ln in sys.stdin.read().split("\n") if ln]
+            valid = set(client.query_valid_paths(names))
+            for name in names:
+                if name not in valid:
+                    sys.stdout.write(f"{name}\n")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+
+    def body() -> int:
+        opts = parse_command_line(
+            args, OPTIONS, ArchiveOptions(), lambda o, a: o.arguments.append(a)
+        )
+        return _run(opts, StoreConfig.from_env(daemon=False))
+
+    return run_command(
+        PROG,
+        body,
+        handlers=[
+            (ArchiveError, str),
+            (DaemonError, lambda e: e.message),  # type: ignore[attr-defined]
+            (nar.NarError, str),
+            (OSError, lambda e: f"{e.strerror}: {e.filename or ''}"),  # type: ignore[attr-defined]
+        ],
+    )
 
 
 if __name__ == "__main__":
