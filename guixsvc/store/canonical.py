@@ -27,6 +27,7 @@ __all__ = [
     "UnsupportedFileType",
     "WrongTopLevelOwnership",
     "canonicalise",
+    "canonicalise_fd",
     "canonicalise_timestamp_and_permissions",
     "make_writable",
     "writable_directory",
@@ -105,6 +106,15 @@ def canonicalise_timestamp_and_permissions(path: str) -> None:
         _fix_timestamp_and_permissions(path, name, pfd, st)
     finally:
         os.close(pfd)
+
+
+def canonicalise_fd(fd: int, display: str) -> None:
+    """Canonical mode and mtime (not owner) for the object open as `fd` (e.g. a directory)."""
+    try:
+        st = os.fstat(fd)
+    except OSError as e:
+        raise SysError(f"getting attributes of path `{display}'", e.errno) from e
+    _fix_timestamp_and_permissions(display, "", -1, st, fd)
 
 
 class _Canonicaliser:

@@ -37,6 +37,8 @@ __all__ = [
     "dump",
     "dump_regular",
     "hash_path",
+    "regular_prefix",
+    "regular_suffix",
     "restore",
 ]
 
@@ -119,6 +121,22 @@ def dump_regular(data: bytes, executable: bool = False) -> bytes:
             _CLOSE,
         )
     )
+
+
+def regular_prefix(executable: bool, size: int) -> bytes:
+    """The NAR bytes of a single regular file before its contents."""
+    return (
+        _HEADER
+        + _REGULAR
+        + (_EXECUTABLE if executable else b"")
+        + _CONTENTS
+        + size.to_bytes(8, "little")
+    )
+
+
+def regular_suffix(size: int) -> bytes:
+    """The NAR bytes of a single regular file after its `size` bytes of contents."""
+    return _ZEROS[: _pad_len(size)] + _CLOSE
 
 
 def _read_exactly(fd: int, size: int, path: bytes) -> Iterator[bytes]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import random
 import stat
@@ -21,7 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from guixsvc.store import base32, nar
-from guixsvc.store.canonical import canonicalise_timestamp_and_permissions, make_writable
+from guixsvc.store.canonical import canonicalise_fd
 from guixsvc.store.locks import (
     LVL_CHATTY,
     LVL_DEBUG,
@@ -32,6 +33,7 @@ from guixsvc.store.locks import (
     SysError,
     emit,
 )
+from guixsvc.store.safefs import LEAF, Node, TreeChanged, open_nofollow, open_parent, walk
 
 __all__ = [
     "DEDUPLICATION_MIN_SIZE",
@@ -52,18 +54,49 @@ LINKS_DIR = ".links"
 def nar_hash_regular_file(path: str) -> bytes:
     """SHA-256 of the NAR serialisation of the regular file `path` (symlinks not followed):
     the `.links` key, so the executable bit is part of it."""
+    pfd, name = open_parent(path)
     try:
-        st = os.lstat(path)
-    except OSError as e:
-        raise SysError(f"opening file `{path}'", e.errno) from e
-    if not stat.S_ISREG(st.st_mode):
-        raise ValueError(f"`{path}' is not a regular file")
+        try:
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        except OSError as e:
+            raise SysError(f"opening file `{path}'", e.errno) from e
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"`{path}' is not a regular file")
+        return _hash_regular(name, pfd, st, path)
+    finally:
+        os.close(pfd)
+
+
+def _hash_regular(name: str, dir_fd: int, st: os.stat_result, display: str) -> bytes:
+    """The `.links` key of entry `name` of `dir_fd`, read through an O_NOFOLLOW descriptor that
+    must be the inode `st` describes."""
     try:
-        return nar.hash_path(path)[0]
-    except nar.NarError as e:
-        raise OSError(errno.EIO, f"reading file `{path}': {e}") from None
+        fd = open_nofollow(name, dir_fd)
     except OSError as e:
-        raise SysError(f"reading file `{path}'", e.errno) from e
+        raise SysError(f"opening file `{display}'", e.errno) from e
+    try:
+        fst = os.fstat(fd)
+        if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(fst.st_mode):
+            raise TreeChanged(display)
+        size = fst.st_size
+        hasher = hashlib.sha256(nar.regular_prefix(bool(fst.st_mode & stat.S_IXUSR), size))
+        left = size
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                raise OSError(errno.EIO, f"reading file `{display}': unexpected end-of-file")
+            hasher.update(chunk)
+            left -= len(chunk)
+        hasher.update(nar.regular_suffix(size))
+        return hasher.digest()
+    except SysError:
+        raise
+    except OSError as e:
+        if e.errno == errno.EIO and e.strerror and e.strerror.startswith("reading"):
+            raise
+        raise SysError(f"reading file `{display}'", e.errno) from e
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -110,38 +143,19 @@ class _Optimiser:
         self.log = log
 
     def path(self, top: str) -> None:
-        try:
-            st = os.lstat(top)
-        except OSError as e:
-            raise SysError(f"getting attributes of path `{top}'", e.errno) from e
-        stack: list[tuple[str, os.stat_result]] = [(top, st)]
-        while stack:
-            path, st = stack.pop()
-            if stat.S_ISDIR(st.st_mode):
-                children: list[tuple[str, os.stat_result]] = []
-                try:
-                    with os.scandir(path) as it:
-                        for entry in it:
-                            # Entries whose inode is already in .links need no work at all.
-                            if entry.inode() in self.inode_hash:
-                                emit(self.log, LVL_DEBUG, f"`{entry.name}' is already linked")
-                                continue
-                            try:
-                                cst = entry.stat(follow_symlinks=False)
-                            except OSError as e:
-                                raise SysError(
-                                    f"getting attributes of path `{entry.path}'", e.errno
-                                ) from e
-                            children.append((entry.path, cst))
-                except SysError:
-                    raise
-                except OSError as e:
-                    raise SysError(f"opening directory `{path}'", e.errno) from e
-                stack.extend(reversed(children))
-            else:
-                self.file(path, st)
+        """Deduplicate the regular files of the tree `top` (through `safefs.walk`: directory
+        descriptors, no symlink followed, any depth)."""
+        for node in walk(top):
+            if node.kind != LEAF:
+                continue
+            if node.depth and node.st.st_ino in self.inode_hash:
+                # Entries whose inode is already in .links need no work at all.
+                emit(self.log, LVL_DEBUG, f"`{node.name}' is already linked")
+                continue
+            self.file(node)
 
-    def file(self, path: str, st: os.stat_result) -> None:
+    def file(self, node: Node) -> None:
+        st, path = node.st, node.path
         if not stat.S_ISREG(st.st_mode) or st.st_size < DEDUPLICATION_MIN_SIZE:
             return
         if st.st_mode & stat.S_IWUSR:
@@ -155,13 +169,18 @@ class _Optimiser:
             )
             return
 
-        digest = nar_hash_regular_file(path)
+        digest = _hash_regular(node.name, node.parent_fd, st, path)
         link_path = f"{self.links_dir}/{base32.encode(digest)}"
 
         while True:
             if not os.path.lexists(link_path):
                 try:
-                    os.link(path, link_path, follow_symlinks=False)
+                    os.link(
+                        node.name,
+                        link_path,
+                        src_dir_fd=node.parent_fd,
+                        follow_symlinks=False,
+                    )
                 except OSError as e:
                     if e.errno == errno.ENOSPC:
                         # ext4's directory index is probably full: skip deduplicating this file.
@@ -192,17 +211,22 @@ class _Optimiser:
             break
 
         emit(self.log, LVL_TALKATIVE, f"linking ‘{path}’ to ‘{link_path}’")
-        if self._replace(path, link_path, st):
+        if self._replace(node, link_path):
             self.stats.files_linked += 1
             self.stats.bytes_freed += st.st_size
             self.stats.blocks_freed += st.st_blocks
 
-    def _replace(self, path: str, link_path: str, st: os.stat_result) -> bool:
-        # The containing directory is read-only (0555) unless it is the store itself.
-        parent = os.path.dirname(path)
-        must_toggle = not _is_store_path(path, self.store_dir)
+    def _replace(self, node: Node, link_path: str) -> bool:
+        st, path, pfd = node.st, node.path, node.parent_fd
+        # The containing directory is read-only (0555) unless it is the store itself; it is
+        # made writable (and restored) through its own descriptor.
+        must_toggle = node.depth > 0
         if must_toggle:
-            make_writable(parent)
+            try:
+                pst = os.fstat(pfd)
+                os.chmod(pfd, stat.S_IMODE(pst.st_mode) | stat.S_IWUSR)
+            except OSError as e:
+                raise SysError(f"changing writability of `{os.path.dirname(path)}'", e.errno) from e
         try:
             temp = f"{self.store_dir}/.tmp-link-{os.getpid()}-{random.randrange(1 << 31)}"
             try:
@@ -215,7 +239,7 @@ class _Optimiser:
                     return False
                 raise SysError(f"cannot link `{temp}' to `{link_path}'", e.errno) from e
             try:
-                os.rename(temp, path)
+                os.rename(temp, node.name, dst_dir_fd=pfd)
             except OSError as e:
                 try:
                     os.unlink(temp)
@@ -230,7 +254,7 @@ class _Optimiser:
         finally:
             if must_toggle:
                 with contextlib.suppress(OSError):
-                    canonicalise_timestamp_and_permissions(parent)
+                    canonicalise_fd(pfd, os.path.dirname(path))
 
 
 def _ensure_links_dir(store_dir: str) -> None:
