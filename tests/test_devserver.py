@@ -105,6 +105,21 @@ def test_run_prints_a_working_client_environment(tmp_path: Path) -> None:
         )  # fmt: skip
         assert roots.returncode == 0, roots.stderr
         assert roots.stdout.splitlines() == [str(root / "state" / "profiles")]
+        # The printed examples (but the build one, whose .drv is a placeholder) run as shown,
+        # from the checkout, in that shell environment.
+        examples = out[out.index("then, for example:") : out.index("Press Ctrl-C")]
+        examples = [line.strip() for line in examples.splitlines()[1:]]
+        assert examples[0] == "guixsvc gc --list-roots"
+        assert "guixsvc download ./README.md" in examples
+        assert any(line.startswith("guixsvc build ") for line in examples)
+        if in_venv:
+            ran = subprocess.run(
+                ["sh", "-c", script + "\nguixsvc download ./README.md"],
+                capture_output=True, text=True, timeout=60, cwd=ROOT,
+            )  # fmt: skip
+            assert ran.returncode == 0, ran.stderr
+            assert ran.stdout.splitlines()[0].startswith(f"{root / 'store'}/")
+            assert ran.stdout.splitlines()[0].endswith("-README.md")
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/nix-cache-info", timeout=20) as r:
             assert f"StoreDir: {root / 'store'}\n" in r.read().decode()
         # A second `make run` on the same root (another port) stops at once and says why.
