@@ -1,7 +1,9 @@
 {
   description = "guixsvc: the GNU Guix store services (guix-daemon, guix publish, guix gc) in Python";
 
-  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-unstable";
+  # A release branch, pinned by flake.lock (written for nixos-25.05 at a revision from
+  # 2026-01-02): `nix flake check` builds the same thing everywhere.  `nix flake update` moves it.
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-25.05";
 
   outputs =
     { self, nixpkgs }:
@@ -22,7 +24,8 @@
 
       overlays.default = final: _prev: { guixsvc = final.callPackage ./nix/package.nix { }; };
 
-      # `services.guix`; its package defaults to ./nix/package.nix built with the system's pkgs.
+      # `services.guix`, replacing nixpkgs' own; its daemonPackage defaults to ./nix/package.nix
+      # built with the system's pkgs, its package (the `guix` command) to pkgs.guix.
       nixosModules.default = ./module.nix;
       nixosModules.guixsvc = ./module.nix;
 

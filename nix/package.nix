@@ -4,12 +4,15 @@
 # directory (`/var`), the services keep their data under `${stateDir}/guix`.  The module calls
 # `package.override { inherit storeDir stateDir; }` so the units under `lib/systemd/system` (used
 # through `systemd.packages`) name the directories the admin chose.
+#
+# No other argument: `callPackage` fills every argument named like a nixpkgs attribute, so an
+# optional one such as `src` or `version` would silently take an unrelated package
+# (tests/test_nixos_module.py checks the exact set).  The source is always this repository.
 {
   lib,
   python3Packages,
   storeDir ? "/gnu/store",
   stateDir ? "/var",
-  src ? null,
 }:
 
 let
@@ -77,7 +80,7 @@ python3Packages.buildPythonPackage {
   inherit (pyproject.project) version;
   pyproject = true;
 
-  src = if src != null then src else repoSource;
+  src = repoSource;
 
   build-system = [ python3Packages.setuptools ];
 
@@ -112,6 +115,8 @@ python3Packages.buildPythonPackage {
 
   passthru = {
     inherit storeDir stateDir;
+    # What the NixOS module checks `services.guix.daemonPackage` (and `package`) against.
+    isGuixsvc = true;
   };
 
   meta = {
