@@ -1,12 +1,17 @@
 # NixOS module `services.guix`: the guixsvc store services (guix-daemon, guix publish, guix gc).
 #
-# It is a drop-in for nixpkgs' `nixos/modules/services/misc/guix`: every option there exists here
-# with the same name, type and default, so a configuration written for that module keeps working.
-# The units themselves come from the package (`lib/systemd/system`, rendered from `units/*.j2`, the
-# same files plain distributions install) through `systemd.packages`; this module only adds what
-# the options change, as drop-ins, plus what systemd cannot do on its own: the build-user pool, the
-# ACL built from `substituters.authorizedKeys`, the directories, the publish key and the per-user
-# profile links.
+# It replaces nixpkgs' own `nixos/modules/services/misc/guix` (declared by every NixOS since
+# 24.05), which it disables, and keeps that module's options: names, types, defaults and meaning.
+# A configuration written for nixpkgs' module evaluates unchanged and gets the same users, groups,
+# command lines, ACL and environment.  `services.guix.package` is still the Guix package (the
+# `guix` command for users and the substitute servers' keys); the services themselves come from
+# `services.guix.daemonPackage` (guixsvc).  The deliberate differences are stated in the option
+# descriptions and in README.md ("NixOS").
+#
+# The units come from the daemon package (`lib/systemd/system`, rendered from `units/*.j2`, the
+# same files plain distributions install) through `systemd.packages`; this module adds what the
+# options change, as drop-ins, plus what systemd cannot do on its own: the build users, the ACL
+# built from `substituters.authorizedKeys`, the directories and the per-user profile links.
 {
   config,
   lib,
@@ -28,6 +33,7 @@ let
     mkMerge
     mkOption
     optional
+    optionals
     types
     ;
 
@@ -35,15 +41,17 @@ let
   storeDir = toString cfg.storeDir;
   stateDir = toString cfg.stateDir;
 
-  # The package with its units rendered for the configured directories (the nixpkgs module
-  # overrides its `guix` package the same way).
-  package =
-    if cfg.package ? override then cfg.package.override { inherit storeDir stateDir; } else cfg.package;
+  # Both packages built for the configured directories, as nixpkgs' module does with its Guix.
+  forDirectories =
+    p: if p ? override then p.override { inherit storeDir stateDir; } else p;
+  guix = forDirectories cfg.package;
+  daemon = forDirectories cfg.daemonPackage;
+  isGuixsvc = p: p.isGuixsvc or false;
 
   guixStateDir = "${stateDir}/guix";
   perUserProfiles = "${guixStateDir}/profiles/per-user";
 
-  guixsvc = "${package}/bin/guixsvc";
+  guixsvc = "${daemon}/bin/guixsvc";
 
   # systemd's command-line quoting for Exec*= lines: bare words stay bare, anything else is
   # double-quoted with `\`, `"` escaped and `$`/`%` doubled so systemd expands neither.
@@ -58,42 +66,96 @@ let
       "\"" + lib.replaceStrings [ "\\" "\"" "$" "%" ] [ "\\\\" "\\\"" "$$" "%%" ] s + "\"";
   execLine = args: concatStringsSep " " (map escapeExecArg args);
 
-  # Build users are numbered from 01 like the Guix installer's (`guixbuilder01`, ...), wide
-  # enough that names sort in numeric order.
-  buildUserWidth = lib.max 2 (lib.stringLength (toString cfg.nrBuildUsers));
-  buildUserName = n: "guixbuilder${lib.fixedWidthNumber buildUserWidth n}";
-  buildUserGroups = [ cfg.group ] ++ optional (config.users.groups ? kvm) "kvm";
+  # The build users as nixpkgs makes them: `guixbuilder0` to `guixbuilder<n-1>`, members of the
+  # build group only.
   buildUsers = lib.listToAttrs (
-    map (
+    lib.genList (
       n:
-      lib.nameValuePair (buildUserName n) {
+      lib.nameValuePair "guixbuilder${toString n}" {
         isSystemUser = true;
         group = cfg.group;
-        extraGroups = buildUserGroups;
+        extraGroups = [ cfg.group ];
         description = "Guix build user ${toString n}";
-        home = "/var/empty";
         createHome = false;
       }
-    ) (lib.range 1 cfg.nrBuildUsers)
+    ) cfg.nrBuildUsers
   );
 
-  # The daemon's command line: what the nixpkgs module passes, through systemd's own quoting.
+  # What nixpkgs' module sets in the environment of guix-daemon and guix publish.
+  serviceEnv = {
+    GUIX_LOCPATH = "${perUserProfiles}/root/guix-profile/lib/locale";
+    LC_ALL = "C.UTF-8";
+  };
+
+  # The daemon's command line: nixpkgs' (the build group always, the substitute URLs unless there
+  # are none, so an empty list means the daemon's default), through systemd's own quoting.
   daemonArgs =
-    optional (cfg.nrBuildUsers > 0) "--build-users-group=${cfg.group}"
-    ++ [ "--substitute-urls=${concatStringsSep " " cfg.substituters.urls}" ]
+    [ "--build-users-group=${cfg.group}" ]
+    ++ optional (
+      cfg.substituters.urls != [ ]
+    ) "--substitute-urls=${concatStringsSep " " cfg.substituters.urls}"
     ++ cfg.extraArgs;
+
+  # publish.extraArgs, read the way guix publish reads them: `--public-key`/`--private-key`
+  # (`=FILE` or a separate word) become the files loaded as the service's credentials, and the
+  # `--cache` directory must be writable in the service's read-only file system.
+  publishArgs =
+    let
+      optionName =
+        arg:
+        {
+          "--public-key" = "public";
+          "--private-key" = "private";
+          "--cache" = "cache";
+          "-c" = "cache";
+        }
+        .${arg} or null;
+      step =
+        acc: arg:
+        let
+          matched = builtins.match "--(public-key|private-key|cache)=(.*)" arg;
+          name = if matched == null then optionName arg else optionName "--${lib.head matched}";
+          keep = acc // {
+            args = acc.args ++ [ arg ];
+          };
+        in
+        if acc.pending != null then
+          (if acc.pending == "cache" then keep else acc)
+          // {
+            pending = null;
+            ${acc.pending} = arg;
+          }
+        else if name == null then
+          keep
+        else if matched == null then
+          (if name == "cache" then keep else acc) // { pending = name; }
+        else
+          (if name == "cache" then keep else acc) // { ${name} = lib.elemAt matched 1; };
+    in
+    lib.foldl' step {
+      args = [ ];
+      pending = null;
+      public = null;
+      private = null;
+      cache = null;
+    } cfg.publish.extraArgs;
+
+  publishCache = publishArgs.cache;
+  cacheUnderVarCache = publishCache != null && lib.hasPrefix "/var/cache/" publishCache;
+  customKeys = publishArgs.public != null || publishArgs.private != null;
 
   # The packaged unit hands the key over as credentials (`%d` is their directory) to a server
   # with no privileges: no `--user`, the service's `User=` is `publish.user` instead.
-  publishExtraArgs = map (c: "--compression=${c}") cfg.publish.compression ++ cfg.publish.extraArgs;
+  publishExtraArgs =
+    map (c: "--compression=${c}") cfg.publish.compression ++ publishArgs.args;
   publishExecStart =
     execLine [
       guixsvc
       "publish"
       "--port=${toString cfg.publish.port}"
     ]
-    + " --public-key=%d/signing-key.pub --private-key=%d/signing-key.sec "
-    + execLine publishExtraArgs;
+    + " --public-key=%d/signing-key.pub --private-key=%d/signing-key.sec"
+    + lib.optionalString (publishExtraArgs != [ ]) (" " + execLine publishExtraArgs);
 
   # Where Guix puts a user's profiles, whatever `XDG_CONFIG_HOME` says: linked into the home at
   # activation, and what the environment points at (pam_env cannot expand `${X:-default}`, these
@@ -105,7 +167,8 @@ let
     "$HOME/.guix-profile"
   ];
 
-  # /etc/guix/acl as a store file: built once from the key files, so /etc can be immutable.
+  # /etc/guix/acl as a store file (mode 0600 like nixpkgs'): built once from the key files, so
+  # /etc can be immutable.
   aclFile =
     pkgs.runCommand "guix-acl"
       {
@@ -119,38 +182,56 @@ let
         ${concatMapStrings (key: ''
           ${guixsvc} archive --authorize < ${escapeShellArg "${key}"}
         '') cfg.substituters.authorizedKeys}
-        install -Dm0644 "$GUIX_CONFIGURATION_DIRECTORY/acl" "$out"
+        install -Dm0600 "$GUIX_CONFIGURATION_DIRECTORY/acl" "$out"
       '';
-
-  # Avahi only matters when the daemon discovers substitute servers or publish advertises.
-  usesAvahi =
-    lib.any (a: a == "--discover" || a == "--discover=yes") cfg.extraArgs
-    || (cfg.publish.enable && lib.elem "--advertise" cfg.publish.extraArgs);
 in
 {
+  # nixpkgs' own module declares the same options: this one replaces it.
+  disabledModules = [ "services/misc/guix" ];
+
+  imports = [
+    # The name this module used before it followed nixpkgs: the Guix command line.
+    (lib.mkRenamedOptionModule
+      [
+        "services"
+        "guix"
+        "clientPackage"
+      ]
+      [
+        "services"
+        "guix"
+        "package"
+      ]
+    )
+  ];
+
   meta.maintainers = [ ];
 
   options.services.guix = {
     enable = mkEnableOption "Guix build daemon service";
 
-    package = mkOption {
+    package = lib.mkPackageOption pkgs "guix" {
+      extraDescription = ''
+        As in nixpkgs' module, this is GNU Guix itself: it is installed for the users (the
+        {command}`guix` command, talking to this daemon) and its {file}`share/guix` holds the
+        substitute servers' keys the default {option}`services.guix.substituters.authorizedKeys`
+        names. Unlike nixpkgs' module, the services do not run its {command}`guix-daemon`,
+        {command}`guix publish` or {command}`guix gc`: those come from
+        {option}`services.guix.daemonPackage`. It is overridden with
+        {option}`services.guix.storeDir` and {option}`services.guix.stateDir`.
+      '';
+    };
+
+    daemonPackage = mkOption {
       type = types.package;
       default = pkgs.callPackage ./nix/package.nix { };
       defaultText = literalExpression "pkgs.callPackage ./nix/package.nix { }";
       description = ''
-        The guixsvc package: {command}`guix-daemon` and {command}`guixsvc` with its systemd units
-        in {file}`lib/systemd/system`. It is overridden with {option}`services.guix.storeDir` and
-        {option}`services.guix.stateDir`.
-      '';
-    };
-
-    clientPackage = mkOption {
-      type = types.nullOr types.package;
-      default = null;
-      example = literalExpression "pkgs.guix";
-      description = ''
-        The Guix command line for users ({command}`guix build`, {command}`guix pull`, ...),
-        talking to this daemon. `null` installs no client; the services do not need one.
+        The guixsvc package (not in nixpkgs' module): {command}`guix-daemon` and
+        {command}`guixsvc` (publish, gc, archive) with their systemd units in
+        {file}`lib/systemd/system`, run by the services and ahead of
+        {option}`services.guix.package` in {env}`PATH` for {command}`guix-daemon`. It is
+        overridden with {option}`services.guix.storeDir` and {option}`services.guix.stateDir`.
       '';
     };
 
@@ -165,7 +246,11 @@ in
       type = types.ints.unsigned;
       default = 10;
       example = 20;
-      description = "Number of Guix build users to be used in the build pool.";
+      description = ''
+        Number of Guix build users to be used in the build pool: `guixbuilder0` to
+        `guixbuilder<n-1>`, members of {option}`services.guix.group` only (add a build user to
+        `kvm` yourself if builds need {file}`/dev/kvm`). With 0 the daemon cannot build.
+      '';
     };
 
     extraArgs = mkOption {
@@ -175,7 +260,11 @@ in
         "--max-jobs=4"
         "--debug"
       ];
-      description = "Extra flags to pass to the Guix daemon service.";
+      description = ''
+        Extra flags to pass to the Guix daemon service. A changed command line restarts the
+        daemon on `nixos-rebuild switch` without stopping its socket: sessions and builds in
+        progress go on.
+      '';
     };
 
     storeDir = mkOption {
@@ -183,7 +272,8 @@ in
       default = "/gnu/store";
       description = ''
         The store directory where the Guix service will serve to/from. Substitutes only apply
-        to the store directory they were built for, normally {file}`/gnu/store`.
+        to the store directory they were built for, normally {file}`/gnu/store`: another one
+        rebuilds everything.
       '';
     };
 
@@ -193,7 +283,7 @@ in
       example = "/gnu/var";
       description = ''
         The local state directory; the services keep their data (database, profiles, roots,
-        the daemon socket) in its {file}`guix` subdirectory.
+        the daemon socket) in its {file}`guix` subdirectory. Changing it rebuilds both packages.
       '';
     };
 
@@ -212,6 +302,7 @@ in
         '';
         description = ''
           A list of substitute servers' URLs for the Guix daemon to download substitutes from.
+          An empty list passes no `--substitute-urls`: the daemon's own default applies.
         '';
       };
 
@@ -245,7 +336,9 @@ in
         description = ''
           Whether to generate signing keys in {file}`/etc/guix` when they are missing. Otherwise,
           `--public-key=$FILE` and `--private-key=$FILE` can be passed in
-          {option}`services.guix.publish.extraArgs`.
+          {option}`services.guix.publish.extraArgs` (they are read by systemd as the service's
+          credentials, so the unprivileged server needs no access to them), or the files put in
+          {file}`/etc/guix` by other means.
         '';
       };
 
@@ -253,13 +346,20 @@ in
         type = types.port;
         default = 8181;
         example = 8200;
-        description = "Port of the substitute server to listen on.";
+        description = ''
+          Port of the substitute server to listen on. systemd listens on it
+          (`guix-publish.socket`, on all addresses) and starts the server at the first
+          connection.
+        '';
       };
 
       user = mkOption {
         type = types.str;
         default = "guix-publish";
-        description = "Name of the user to change once the server is up.";
+        description = ''
+          Name of the user the substitute server runs as. Unlike nixpkgs' module, it never runs
+          as root: systemd starts it as this user (`User=`) and passes no `--user`.
+        '';
       };
 
       extraArgs = mkOption {
@@ -269,13 +369,20 @@ in
           "--ttl=30d"
           "--cache=/var/cache/guix/publish"
         ];
-        description = "Extra flags to pass to the substitute server.";
+        description = ''
+          Extra flags to pass to the substitute server. A `--cache` directory under
+          {file}`/var/cache` is created by systemd (`CacheDirectory=`); another one is made
+          writable (`ReadWritePaths=`) and created for {option}`services.guix.publish.user`.
+        '';
       };
 
       openFirewall = mkOption {
         type = types.bool;
         default = false;
-        description = "Whether to open {option}`services.guix.publish.port` in the firewall.";
+        description = ''
+          Whether to open {option}`services.guix.publish.port` in the firewall (not in nixpkgs'
+          module).
+        '';
       };
 
       compression = mkOption {
@@ -286,8 +393,9 @@ in
           "gzip:9"
         ];
         description = ''
-          The `--compression` methods (and levels) NARs are offered with, in order. Empty means
-          guix publish's default (gzip, level 3).
+          The `--compression` methods (and levels) NARs are offered with, in order (not in
+          nixpkgs' module; `--compression` in {option}`services.guix.publish.extraArgs` works
+          too). Empty means guix publish's default (gzip, level 3).
         '';
       };
     };
@@ -324,7 +432,8 @@ in
         example = "45min";
         description = ''
           Random delay added to each garbage collection's start ({manpage}`systemd.timer(5)`'s
-          `RandomizedDelaySec=`), so that machines sharing a schedule do not collect at once.
+          `RandomizedDelaySec=`), so that machines sharing a schedule do not collect at once
+          (not in nixpkgs' module).
         '';
       };
 
@@ -334,7 +443,7 @@ in
         example = false;
         description = ''
           Whether a collection missed while the machine was off runs at the next boot
-          (`Persistent=` of {manpage}`systemd.timer(5)`).
+          (`Persistent=` of {manpage}`systemd.timer(5)`; always on in nixpkgs' module).
         '';
       };
     };
@@ -342,13 +451,40 @@ in
 
   config = mkIf cfg.enable (mkMerge [
     {
-      # Ours first, so `guix-daemon` is this daemon even when the client package ships one.
-      environment.systemPackages = [ (lib.hiPrio package) ] ++ optional (cfg.clientPackage != null) cfg.clientPackage;
+      assertions = [
+        {
+          assertion = isGuixsvc cfg.daemonPackage;
+          message = ''
+            services.guix.daemonPackage must be guixsvc (${cfg.daemonPackage.name or "?"} is not):
+            the services run its guix-daemon, `guixsvc publish`, `guixsvc gc` and `guixsvc archive`
+            and use its systemd units. GNU Guix itself goes to services.guix.package.
+          '';
+        }
+        {
+          assertion = !isGuixsvc cfg.package;
+          message = ''
+            services.guix.package is GNU Guix (as in nixpkgs' module): the `guix` command for the
+            users and the substitute servers' keys in share/guix. guixsvc has no `guix` command;
+            set it as services.guix.daemonPackage and leave services.guix.package to pkgs.guix.
+          '';
+        }
+      ];
 
-      systemd.packages = [ package ];
+      # Both, ours first so that `guix-daemon` is this daemon, not the one Guix ships.
+      environment.systemPackages = [
+        (lib.hiPrio daemon)
+        guix
+      ];
+
+      systemd.packages = [ daemon ];
 
       users.users = buildUsers;
       users.groups.${cfg.group} = { };
+
+      # Guix discovers and advertises substitute servers with Avahi; nixpkgs' module turns it on.
+      services.avahi.enable = mkDefault true;
+      services.avahi.publish.enable = mkDefault true;
+      services.avahi.publish.userServices = mkDefault true;
 
       # The store and the state directory, and their modes as the Guix installer sets them. The
       # store may already be mounted read-only (on a switch): it is only touched when wrong.
@@ -374,9 +510,10 @@ in
         '';
       };
 
-      # Read-only store everywhere but in the daemon's own mount namespace. The package ships the
-      # mount for its store directory; this (a drop-in then) pulls it in and states it in full so
-      # it is right even for a store directory the package has no unit for.
+      # Read-only store everywhere but in the daemon's own mount namespace, from boot on (nixpkgs
+      # mounts it with the daemon). The package ships the mount for its store directory; this (a
+      # drop-in then) pulls it in and states it in full so it is right even for a store
+      # directory the package has no unit for.
       systemd.mounts = [
         {
           description = "Read-only ${storeDir} for GNU Guix";
@@ -398,13 +535,15 @@ in
       systemd.sockets.guix-daemon.wantedBy = [ "sockets.target" ];
 
       systemd.services.guix-daemon = {
-        environment = config.networking.proxy.envVars or { };
+        # The proxy reaches the daemon's substitute downloads, as with nixpkgs' module.
+        environment = serviceEnv // config.networking.proxy.envVars;
         serviceConfig.ExecStart = [
           ""
-          (execLine ([ "${package}/bin/guix-daemon" ] ++ daemonArgs))
+          (execLine ([ "${daemon}/bin/guix-daemon" ] ++ daemonArgs))
         ];
         # A changed daemon is restarted in place: the socket unit is neither stopped nor
-        # restarted, so clients connecting during a `nixos-rebuild switch` wait in its backlog.
+        # restarted, so clients connecting during a `nixos-rebuild switch` wait in its backlog,
+        # and KillMode=process (packaged) leaves the sessions and their builds running.
         stopIfChanged = false;
       };
 
@@ -437,15 +576,6 @@ in
       environment.profiles = lib.mkBefore guixProfiles;
     }
 
-    (mkIf usesAvahi {
-      services.avahi.enable = mkDefault true;
-      services.avahi.publish = {
-        enable = mkDefault true;
-        userServices = mkDefault true;
-        addresses = mkDefault true;
-      };
-    })
-
     (mkIf cfg.publish.enable {
       # The packaged guix-publish-keygen.service creates /etc/guix/signing-key.* before publish's
       # first start when they are missing. Without generateKeyPair it never runs (its conditions
@@ -467,15 +597,42 @@ in
       };
 
       systemd.services.guix-publish = {
+        environment = serviceEnv;
         # A static user of that name is used by DynamicUser= when it exists (the default one is
         # created below, as the nixpkgs module does); otherwise systemd allocates it.
-        serviceConfig.User = cfg.publish.user;
-        serviceConfig.ExecStart = mkIf (publishExtraArgs != [ ]) [
-          ""
-          publishExecStart
+        serviceConfig = mkMerge [
+          { User = cfg.publish.user; }
+          (mkIf (publishExtraArgs != [ ] || customKeys) {
+            ExecStart = [
+              ""
+              publishExecStart
+            ];
+          })
+          # Key files named in extraArgs replace the packaged /etc/guix ones as credentials.
+          (mkIf customKeys {
+            LoadCredential = [
+              ""
+              "signing-key.pub:${
+                if publishArgs.public != null then publishArgs.public else "/etc/guix/signing-key.pub"
+              }"
+              "signing-key.sec:${
+                if publishArgs.private != null then publishArgs.private else "/etc/guix/signing-key.sec"
+              }"
+            ];
+          })
+          (mkIf cacheUnderVarCache {
+            CacheDirectory = [ (lib.removePrefix "/var/cache/" publishCache) ];
+          })
+          (mkIf (publishCache != null && !cacheUnderVarCache) {
+            ReadWritePaths = [ publishCache ];
+          })
         ];
         stopIfChanged = false;
       };
+
+      systemd.tmpfiles.rules = optionals (publishCache != null && !cacheUnderVarCache) [
+        "d ${publishCache} 0750 ${cfg.publish.user} - - -"
+      ];
 
       networking.firewall.allowedTCPPorts = mkIf cfg.publish.openFirewall [ cfg.publish.port ];
 
@@ -486,7 +643,7 @@ in
           isSystemUser = true;
         };
       };
-      users.groups = mkIf (cfg.publish.user == "guix-publish") { guix-publish = { }; };
+      users.groups.guix-publish = { };
     })
 
     (mkIf cfg.gc.enable {

@@ -1,5 +1,6 @@
-# What every test machine has: the module enabled, a python3 that can import guixsvc (the
-# scenarios' store clients), and the scenario scripts.
+# What every test machine has: the module enabled (beside nixpkgs' own services.guix, which it
+# disables), a python3 that can import guixsvc (the scenarios' store clients), and the scenario
+# scripts.
 { config, pkgs, ... }:
 
 {
@@ -10,7 +11,7 @@
   services.guix.substituters.urls = [ ];
 
   environment.systemPackages = [
-    (pkgs.python3.withPackages (_: [ config.services.guix.package ]))
+    (pkgs.python3.withPackages (_: [ config.services.guix.daemonPackage ]))
   ];
 
   virtualisation.memorySize = 1536;

@@ -1,4 +1,5 @@
-# Three machines: `server` publishes its store; `client` authorises the server's key through
+# Three machines: `server` publishes its store, signing with key files named in
+# services.guix.publish.extraArgs (generateKeyPair = false); `client` authorises that key through
 # services.guix.substituters.authorizedKeys and really substitutes a closure from it; `stranger`
 # trusts another key only and must refuse the same substitutes.  Also the shared scenario
 # publish_substitute.
@@ -36,12 +37,13 @@ in
         "gzip:3"
       ];
     };
-    # The key is in place before the first start, so guix-publish-keygen does nothing.
-    environment.etc."guix/signing-key.pub".source = "${serverKey}/signing-key.pub";
-    environment.etc."guix/signing-key.sec" = {
-      source = "${serverKey}/signing-key.sec";
-      mode = "0600";
-    };
+    # Key files of its own instead of /etc/guix (which stays without keys), as nixpkgs'
+    # generateKeyPair documents: systemd hands them to the unprivileged server.
+    services.guix.publish.generateKeyPair = false;
+    services.guix.publish.extraArgs = [
+      "--public-key=${serverKey}/signing-key.pub"
+      "--private-key=${serverKey}/signing-key.sec"
+    ];
   };
 
   nodes.client = {
@@ -84,6 +86,10 @@ in
         server.wait_for_unit("guix-publish.service")
         user = server.succeed("ps -o user= -p $(systemctl show -P MainPID guix-publish.service)").strip()
         assert user == "guix-publish", user
+        server.fail("test -e /etc/guix/signing-key.sec")
+        # Narinfos are signed with the configured key.
+        narinfo = client.succeed("python3 -c 'import urllib.request; print(urllib.request.urlopen(\"http://server:8181/%s.narinfo\").read().decode())'" % items[2].split("/")[-1].split("-")[0])
+        assert "Signature: 1;" in narinfo, narinfo
 
     substitute = """
     import json, sys

@@ -1,11 +1,16 @@
 """Checks of the NixOS side (module.nix, flake.nix, nix/, nixos-tests/) that run without nixpkgs.
 
-CI has no nixpkgs and no VM, so two things are checked here: every `.nix` file parses
-(`nix-instantiate --parse`, Debian's nix-bin), and module.nix evaluated by nixpkgs' real module
-system (`lib.evalModules`, from the checkout `NIXPKGS_LIB` points at) generates the users, groups,
-units, ACL and activation scripts it should.  `tests/nixos/eval-module.nix` stands in for NixOS
-only where the module writes; the generated ACL build script and activation scripts are then run
-for real here, against our own `guixsvc archive` and key code.
+CI has no nixpkgs and no VM.  With Debian's nix-bin alone: every `.nix` file parses, the flake's
+lock pins a real release revision, and nix/package.nix takes no argument `callPackage` could fill
+by accident.  With `NIXPKGS_LIB` (a nixpkgs checkout or the nix-community/nixpkgs.lib snapshot)
+module.nix is evaluated by nixpkgs' real module system (`lib.evalModules`):
+`tests/nixos/eval-module.nix` stands in for NixOS where the module writes, and declares nixpkgs'
+own `services.guix` at `${modulesPath}/services/misc/guix` (tests/nixos/modules/) as every NixOS
+since 24.05 does.  Our module must evaluate alone and beside it, and a configuration written for
+nixpkgs' module must give what nixpkgs' module gives (`nixpkgs_makes` below models it, from the
+facts of nixos/modules/services/misc/guix/default.nix), except the differences README.md
+documents.  The generated ACL build script and activation scripts are run for real here, against
+our own `guixsvc archive` and key code.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ needs_lib = pytest.mark.skipif(
 def nix_files() -> list[Path]:
     files = [ROOT / "module.nix", ROOT / "flake.nix"]
     for folder in ("nix", "nixos-tests", "tests/nixos"):
-        files += sorted((ROOT / folder).glob("*.nix"))
+        files += sorted((ROOT / folder).rglob("*.nix"))
     return files
 
 
@@ -74,6 +79,61 @@ def test_parse_catches_errors(tmp_path: Path) -> None:
     assert result.returncode != 0
 
 
+# --- without nixpkgs ------------------------------------------------------------------------
+
+# nix/package.nix's arguments: what it needs from nixpkgs, and the directories the module (like
+# nixpkgs' guix package) overrides.  Any other name risks being filled by `callPackage` with an
+# unrelated top-level package: `pkgs.src` is a revision-control tool, `pkgs.version` ... exist.
+PACKAGE_ARGS = {"lib": False, "python3Packages": False, "storeDir": True, "stateDir": True}
+
+
+@needs_nix
+def test_package_arguments_callpackage_cannot_fill_by_accident() -> None:
+    assert NIX_INSTANTIATE is not None
+    result = subprocess.run(
+        [
+            NIX_INSTANTIATE,
+            "--eval",
+            "--strict",
+            "--json",
+            "-E",
+            f"builtins.functionArgs (import {ROOT / 'nix' / 'package.nix'})",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    args = json.loads(result.stdout)
+    assert args == PACKAGE_ARGS
+    assert not {"src", "version", "pname", "name"} & set(args)
+
+
+@needs_nix
+def test_package_source_is_this_repository() -> None:
+    """The source is the repository, whatever the caller passes (no `src` override)."""
+    text = (ROOT / "nix" / "package.nix").read_text()
+    assert "src = repoSource;" in text
+
+
+def test_flake_lock_pins_a_release() -> None:
+    lock = json.loads((ROOT / "flake.lock").read_text())
+    assert lock["version"] == 7 and lock["root"] == "root"
+    assert lock["nodes"]["root"]["inputs"] == {"nixpkgs": "nixpkgs"}
+    node = lock["nodes"]["nixpkgs"]
+    locked, original = node["locked"], node["original"]
+    assert locked["type"] == original["type"] == "github"
+    assert (locked["owner"], locked["repo"]) == (original["owner"], original["repo"])
+    assert len(locked["rev"]) == 40 and int(locked["rev"], 16) >= 0
+    assert locked["narHash"].startswith("sha256-") and len(locked["narHash"]) == 51
+    assert isinstance(locked["lastModified"], int)
+    # The lock matches the input, or `nix flake check` would re-lock (and fail offline).
+    flake = (ROOT / "flake.nix").read_text()
+    url = f'"github:{original["owner"]}/{original["repo"]}/{original["ref"]}"'
+    assert f"inputs.nixpkgs.url = {url};" in flake
+    assert original["ref"].startswith("nixos-") and original["ref"] != "nixos-unstable"
+
+
 # --- module evaluation ----------------------------------------------------------------------
 
 
@@ -91,11 +151,15 @@ def package_dir(tmp_path: Path) -> Path:
     return out
 
 
-def evaluate(
-    guix: dict[str, Any], package_dir: Path | str = "/pkg", with_kvm: bool = True
-) -> dict[str, Any]:
+def _eval_command(
+    config: dict[str, Any],
+    *,
+    package_dir: Path | str = "/pkg",
+    with_kvm: bool = True,
+    modules: str = "nixos",
+    extra_module: Path | None = None,
+) -> list[str]:
     assert NIX_INSTANTIATE is not None
-    config = {"services": {"guix": guix}}
     command = [
         NIX_INSTANTIATE,
         "--eval",
@@ -114,10 +178,45 @@ def evaluate(
         "--arg",
         "withKvm",
         "true" if with_kvm else "false",
+        "--argstr",
+        "modules",
+        modules,
     ]
+    if extra_module is not None:
+        command += ["--argstr", "extraModule", str(extra_module)]
+    return command
+
+
+def evaluate(
+    guix: dict[str, Any],
+    package_dir: Path | str = "/pkg",
+    with_kvm: bool = True,
+    *,
+    modules: str = "nixos",
+    extra_module: Path | None = None,
+    other: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Evaluates `services.guix = guix` (plus `other` top-level settings); by default with our
+    module beside nixpkgs' own, as on any current NixOS."""
+    config: dict[str, Any] = {**(other or {})}
+    config["services"] = {**config.get("services", {}), "guix": guix}
+    command = _eval_command(
+        config,
+        package_dir=package_dir,
+        with_kvm=with_kvm,
+        modules=modules,
+        extra_module=extra_module,
+    )
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
+
+
+def evaluation_error(guix: dict[str, Any], **options: Any) -> str:
+    command = _eval_command({"services": {"guix": guix}}, **options)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0, "the evaluation should have failed"
+    return result.stderr
 
 
 def exec_words(line: str) -> list[str]:
@@ -125,22 +224,32 @@ def exec_words(line: str) -> list[str]:
     return [w.replace("$$", "$").replace("%%", "%") for w in shlex.split(line)]
 
 
+def write_module(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "extra-module.nix"
+    path.write_text(text)
+    return path
+
+
+DEFAULT_URLS = [
+    "https://ci.guix.gnu.org",
+    "https://bordeaux.guix.gnu.org",
+    "https://berlin.guix.gnu.org",
+]
+
+# nixpkgs' services.guix: every option with its default (`package` is pkgs.guix, here "/guix").
 UPSTREAM_DEFAULTS: dict[str, Any] = {
     "enable": False,
+    "package": "/guix",
     "group": "guixbuild",
     "nrBuildUsers": 10,
     "extraArgs": [],
     "storeDir": "/gnu/store",
     "stateDir": "/var",
-    "substituters.urls": [
-        "https://ci.guix.gnu.org",
-        "https://bordeaux.guix.gnu.org",
-        "https://berlin.guix.gnu.org",
-    ],
+    "substituters.urls": DEFAULT_URLS,
     "substituters.authorizedKeys": [
-        "/pkg/share/guix/ci.guix.gnu.org.pub",
-        "/pkg/share/guix/bordeaux.guix.gnu.org.pub",
-        "/pkg/share/guix/berlin.guix.gnu.org.pub",
+        "/guix/share/guix/ci.guix.gnu.org.pub",
+        "/guix/share/guix/bordeaux.guix.gnu.org.pub",
+        "/guix/share/guix/berlin.guix.gnu.org.pub",
     ],
     "publish.enable": False,
     "publish.generateKeyPair": True,
@@ -151,7 +260,9 @@ UPSTREAM_DEFAULTS: dict[str, Any] = {
     "gc.extraArgs": [],
     "gc.dates": "03:15",
 }
+# Ours only, documented in README.md; clientPackage is the old name of `package`, hidden.
 EXTRA_DEFAULTS: dict[str, Any] = {
+    "daemonPackage": "/pkg",
     "clientPackage": None,
     "publish.openFirewall": False,
     "publish.compression": [],
@@ -160,24 +271,285 @@ EXTRA_DEFAULTS: dict[str, Any] = {
 }
 
 
+def nixpkgs_makes(guix: dict[str, Any], proxy: dict[str, str] | None = None) -> dict[str, Any]:
+    """What nixpkgs' module makes of a configuration (nixos/modules/services/misc/guix): the
+    model the drop-in is held against."""
+    group = guix.get("group", "guixbuild")
+    state_dir = guix.get("stateDir", "/var")
+    store_dir = guix.get("storeDir", "/gnu/store")
+    publish = guix.get("publish", {})
+    gc = guix.get("gc", {})
+    urls = guix.get("substituters", {}).get("urls", DEFAULT_URLS)
+    users = {
+        f"guixbuilder{n}": {
+            "group": group,
+            "extraGroups": [group],
+            "createHome": False,
+            "description": f"Guix build user {n}",
+            "isSystemUser": True,
+        }
+        for n in range(guix.get("nrBuildUsers", 10))
+    }
+    groups = {group}
+    publish_user = publish.get("user", "guix-publish")
+    if publish.get("enable"):
+        groups.add("guix-publish")
+        if publish_user == "guix-publish":
+            users["guix-publish"] = {
+                "description": "Guix publish user",
+                "group": "guix-publish",
+                "isSystemUser": True,
+            }
+    env = {
+        "GUIX_LOCPATH": f"{state_dir}/guix/profiles/per-user/root/guix-profile/lib/locale",
+        "LC_ALL": "C.UTF-8",
+    }
+    return {
+        "users": users,
+        "groups": groups,
+        "daemon": [f"--build-users-group={group}"]
+        + ([f"--substitute-urls={' '.join(urls)}"] if urls else [])
+        + guix.get("extraArgs", []),
+        "daemonEnvironment": {**env, **(proxy or {})},
+        "publish": [
+            f"--user={publish_user}",
+            f"--port={publish.get('port', 8181)}",
+            *publish.get("extraArgs", []),
+        ],
+        "publishEnvironment": env,
+        "gc": gc.get("extraArgs", []),
+        "gcDates": gc.get("dates", "03:15"),
+        "packageOverrides": {"storeDir": store_dir, "stateDir": state_dir},
+        "avahi": {"enable": True, "publish": {"enable": True, "userServices": True}},
+    }
+
+
 @needs_nix
 @needs_lib
 def test_options_match_nixpkgs_module() -> None:
-    result = evaluate({})
-    upstream = result["upstream"]
-    assert set(upstream) == set(UPSTREAM_DEFAULTS) | {"package"}
-    for name, info in upstream.items():
-        assert info["type"] == info["expectedType"], name
-        if name in UPSTREAM_DEFAULTS:
-            assert info["default"] == UPSTREAM_DEFAULTS[name], name
-    assert upstream["package"]["default"] == "/pkg"
-    extra = result["extra"]
-    for name, default in EXTRA_DEFAULTS.items():
-        assert extra[name]["default"] == default, name
-    assert extra["clientPackage"]["type"] == "null or package"
+    theirs = evaluate({}, modules="nixpkgs")["declared"]
+    # The stand-in itself holds nixpkgs' facts.
+    assert {name: info["default"] for name, info in theirs.items()} == UPSTREAM_DEFAULTS
+    expected_types = {
+        "enable": "boolean",
+        "package": "package",
+        "group": "string",
+        "nrBuildUsers": "unsigned integer, meaning >=0",
+        "extraArgs": "list of string",
+        "substituters.urls": "list of string",
+        "publish.enable": "boolean",
+        "publish.generateKeyPair": "boolean",
+        "publish.user": "string",
+        "publish.extraArgs": "list of string",
+        "gc.enable": "boolean",
+        "gc.extraArgs": "list of string",
+        "gc.dates": "string",
+    }
+    for name, description in expected_types.items():
+        assert theirs[name]["type"] == description, name
+    assert theirs["publish.port"]["type"].startswith("16 bit unsigned integer")
+    assert theirs["storeDir"]["type"].endswith("path")
+
+    ours = evaluate({})["declared"]
+    for name, info in theirs.items():
+        assert ours[name]["type"] == info["type"], name
+        assert ours[name]["default"] == info["default"], name
+        assert ours[name]["visible"], name
+    extra = {name: info for name, info in ours.items() if name not in theirs}
+    assert {name: info["default"] for name, info in extra.items()} == EXTRA_DEFAULTS
+    assert extra["daemonPackage"]["type"] == "package"
+    assert extra["clientPackage"]["visible"] is False
     assert extra["publish.compression"]["type"].startswith("list of string matching")
-    # Nothing declared beyond nixpkgs' options and the documented extras.
-    assert set(result["declared"]) == set(upstream) | set(extra)
+    # Alone (a NixOS before 24.05) the options are the same.
+    assert evaluate({}, modules="ours")["declared"] == ours
+
+
+@needs_nix
+@needs_lib
+def test_replaces_nixpkgs_module() -> None:
+    config = {"enable": True, "publish": {"enable": True}, "gc": {"enable": True}}
+    beside = evaluate(config)
+    alone = evaluate(config, modules="ours")
+    assert beside == alone
+    # Without `disabledModules` (nixpkgs' module under a name it does not cover) both declare
+    # services.guix: the error every NixOS >= 24.05 gave before.
+    error = evaluation_error(config, modules="clash")
+    assert "already declared" in error and "services.guix" in error
+
+
+# Every option of nixpkgs' module away from its default.
+NIXPKGS_CONFIG: dict[str, Any] = {
+    "enable": True,
+    "group": "builders",
+    "nrBuildUsers": 3,
+    "extraArgs": ["--max-jobs=4", "--cores=2", "--debug"],
+    "storeDir": "/srv/gnu/store",
+    "stateDir": "/srv/var",
+    "substituters": {"urls": ["https://guix.example.com", "https://guix.example.org"]},
+    "publish": {
+        "enable": True,
+        "generateKeyPair": False,
+        "port": 8200,
+        "user": "publisher",
+        "extraArgs": [
+            "--public-key=/run/keys/publish.pub",
+            "--private-key",
+            "/run/keys/publish.sec",
+            "--cache=/var/cache/guix/publish",
+            "--ttl=30d",
+        ],
+    },
+    "gc": {
+        "enable": True,
+        "extraArgs": ["--delete-generations=1m", "--optimize"],
+        "dates": "weekly",
+    },
+}
+PROXY = {"http_proxy": "http://proxy.example:3128", "https_proxy": "http://proxy.example:3128"}
+
+
+@needs_nix
+@needs_lib
+def test_configuration_for_nixpkgs_module_means_the_same(tmp_path: Path, package_dir: Path) -> None:
+    from guixsvc.pki import keys
+
+    key_files, public_keys = [], []
+    for n in range(2):
+        public, _secret = keys.generate_key_pair()
+        path = tmp_path / f"key{n}.pub"
+        path.write_bytes(public)
+        key_files.append(str(path))
+        public_keys.append(public)
+    guix = {
+        **NIXPKGS_CONFIG,
+        "substituters": {**NIXPKGS_CONFIG["substituters"], "authorizedKeys": key_files},
+    }
+    # `package` too: a Guix other than pkgs.guix.
+    choose_guix = write_module(
+        tmp_path, "{ pkgs, ... }: { services.guix.package = pkgs.guix-custom; }\n"
+    )
+    other = {"networking": {"proxy": {"envVars": PROXY}}}
+    # It is a valid configuration for nixpkgs' module...
+    evaluate(guix, package_dir, modules="nixpkgs", extra_module=choose_guix, other=other)
+    # ... and ours makes the same of it.
+    result = evaluate(guix, package_dir, extra_module=choose_guix, other=other)
+    expected = nixpkgs_makes(guix, PROXY)
+    assert result["failedAssertions"] == [] and result["warnings"] == []
+
+    assert result["users"] == expected["users"]
+    assert set(result["groups"]) - {"kvm"} == expected["groups"]
+
+    # The Guix command line for the users, built for these directories, and ours first.
+    overrides = expected["packageOverrides"]
+    assert {"path": "/guix-custom", "priority": None, "overrides": overrides} in result[
+        "systemPackages"
+    ]
+    assert result["systemPackages"][0] == {
+        "path": str(package_dir),
+        "priority": -10,
+        "overrides": overrides,
+    }
+
+    daemon = result["services"]["guix-daemon"]
+    words = exec_words(daemon["serviceConfig"]["ExecStart"][1])
+    assert words[0] == f"{package_dir}/bin/guix-daemon" and words[1:] == expected["daemon"]
+    assert daemon["environment"] == expected["daemonEnvironment"]
+
+    publish = result["services"]["guix-publish"]
+    assert publish["environment"] == expected["publishEnvironment"]
+    config = publish["serviceConfig"]
+    # Documented differences: no `--user` (systemd starts it as that user) and the key files are
+    # the service's credentials; the rest of the command line is nixpkgs'.
+    assert config["User"] == "publisher"
+    assert config["LoadCredential"] == [
+        "",
+        "signing-key.pub:/run/keys/publish.pub",
+        "signing-key.sec:/run/keys/publish.sec",
+    ]
+    words = shlex.split(config["ExecStart"][1])
+    assert words[:3] == [f"{package_dir}/bin/guixsvc", "publish", "--port=8200"]
+    assert words[3:5] == ["--public-key=%d/signing-key.pub", "--private-key=%d/signing-key.sec"]
+    assert words[5:] == ["--cache=/var/cache/guix/publish", "--ttl=30d"]
+    assert expected["publish"] == [
+        "--user=publisher",
+        "--port=8200",
+        "--public-key=/run/keys/publish.pub",
+        "--private-key",
+        "/run/keys/publish.sec",
+        *words[5:],
+    ]
+    # The cache is writable in the read-only file system.
+    assert config["CacheDirectory"] == ["guix/publish"]
+    assert result["services"]["guix-publish-keygen"]["unitConfig"]["ConditionPathExists"] == [
+        "",
+        "!/",
+    ]
+    assert result["sockets"]["guix-publish"]["listenStreams"] == ["", "8200"]
+
+    gc = result["services"]["guix-gc"]
+    words = exec_words(gc["serviceConfig"]["ExecStart"][1])
+    assert words[:2] == [f"{package_dir}/bin/guixsvc", "gc"] and words[2:] == expected["gc"]
+    timer = result["timers"]["guix-gc"]["timerConfig"]
+    assert timer["OnCalendar"][-1] == expected["gcDates"] and timer["Persistent"] is True
+
+    assert result["avahi"] == expected["avahi"]
+    assert result["mounts"][0]["where"] == "/srv/gnu/store"
+
+    # The ACL: exactly the configured keys, mode 0600 as nixpkgs installs it.
+    acl = run_acl_script(result["etc"]["guix/acl"]["script"], tmp_path / "acl")
+    assert stat.S_IMODE(acl.stat().st_mode) == 0o600
+    loaded = keys.Acl.load(acl)
+    assert len(loaded) == 2 and all(loaded.authorizes(k) for k in public_keys)
+
+
+def run_acl_script(script: str, work: Path) -> Path:
+    work.mkdir()
+    out = work / "out"
+    env = {**os.environ, "out": str(out)}
+    subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], cwd=work, env=env, check=True, timeout=120
+    )
+    return out
+
+
+@needs_nix
+@needs_lib
+def test_packages_and_assertions(tmp_path: Path) -> None:
+    result = evaluate({"enable": True})
+    assert result["failedAssertions"] == []
+    # Both installed, ours ahead (its guix-daemon wins), each built for the directories.
+    overrides = {"storeDir": "/gnu/store", "stateDir": "/var"}
+    assert result["systemPackages"] == [
+        {"path": "/pkg", "priority": -10, "overrides": overrides},
+        {"path": "/guix", "priority": None, "overrides": overrides},
+    ]
+    assert result["packages"] == [{"path": "/pkg", "priority": None, "overrides": overrides}]
+
+    swapped = evaluate(
+        {"enable": True},
+        extra_module=write_module(
+            tmp_path,
+            "{ pkgs, ... }: {\n"
+            "  services.guix.package = pkgs.callPackage ./whatever.nix { };\n"
+            "  services.guix.daemonPackage = pkgs.guix;\n"
+            "}\n",
+        ),
+    )
+    daemon_message, package_message = swapped["failedAssertions"]
+    assert "services.guix.daemonPackage must be guixsvc" in daemon_message
+    assert "guix-1.4.0 is not" in daemon_message
+    assert "services.guix.package is GNU Guix" in package_message
+    assert "services.guix.daemonPackage" in package_message
+
+    # The old name of `package` still works, with a warning.
+    renamed = evaluate(
+        {"enable": True},
+        extra_module=write_module(
+            tmp_path, "{ pkgs, ... }: { services.guix.clientPackage = pkgs.guix-custom; }\n"
+        ),
+    )
+    assert renamed["systemPackages"][1]["path"] == "/guix-custom"
+    assert any("clientPackage" in w for w in renamed["warnings"])
 
 
 @needs_nix
@@ -189,6 +561,7 @@ def test_disabled_module_defines_nothing() -> None:
     assert result["services"] == result["sockets"] == result["timers"] == {}
     assert result["mounts"] == [] and result["etc"] == {} and result["activation"] == {}
     assert result["profiles"] == ["/run/current-system/sw"]
+    assert result["avahi"] == {} and result["systemPackages"] == []
 
 
 @needs_nix
@@ -196,30 +569,33 @@ def test_disabled_module_defines_nothing() -> None:
 def test_build_users_and_groups() -> None:
     result = evaluate({"enable": True})
     users = result["users"]
-    assert sorted(users) == [f"guixbuilder{n:02d}" for n in range(1, 11)]
-    for n in range(1, 11):
-        user = users[f"guixbuilder{n:02d}"]
+    # nixpkgs' names: 0-based, no padding.
+    assert sorted(users) == sorted(f"guixbuilder{n}" for n in range(10))
+    for n in range(10):
+        user = users[f"guixbuilder{n}"]
         assert user["isSystemUser"] is True and user["createHome"] is False
         assert user["group"] == "guixbuild"
         # Members of the group through extraGroups: guix-daemon reads the group's member list.
-        assert user["extraGroups"] == ["guixbuild", "kvm"]
+        assert user["extraGroups"] == ["guixbuild"]
+        assert user["description"] == f"Guix build user {n}"
     assert set(result["groups"]) == {"guixbuild", "kvm"}
 
     no_kvm = evaluate({"enable": True, "nrBuildUsers": 3, "group": "builders"}, with_kvm=False)
-    assert sorted(no_kvm["users"]) == ["guixbuilder01", "guixbuilder02", "guixbuilder03"]
-    assert no_kvm["users"]["guixbuilder02"]["extraGroups"] == ["builders"]
+    assert sorted(no_kvm["users"]) == ["guixbuilder0", "guixbuilder1", "guixbuilder2"]
+    assert no_kvm["users"]["guixbuilder2"]["extraGroups"] == ["builders"]
     assert set(no_kvm["groups"]) == {"builders"}
     start = exec_words(no_kvm["services"]["guix-daemon"]["serviceConfig"]["ExecStart"][1])
     assert "--build-users-group=builders" in start
 
     many = evaluate({"enable": True, "nrBuildUsers": 120})
     assert len(many["users"]) == 120
-    assert "guixbuilder001" in many["users"] and "guixbuilder120" in many["users"]
+    assert "guixbuilder0" in many["users"] and "guixbuilder119" in many["users"]
 
+    # Like nixpkgs: the group is passed even with no build users.
     none = evaluate({"enable": True, "nrBuildUsers": 0})
     assert none["users"] == {}
     start = exec_words(none["services"]["guix-daemon"]["serviceConfig"]["ExecStart"][1])
-    assert not any(a.startswith("--build-users-group") for a in start)
+    assert "--build-users-group=guixbuild" in start
 
 
 @needs_nix
@@ -232,13 +608,14 @@ def test_daemon_units() -> None:
             "substituters": {"urls": ["https://a.example", "https://b.example"]},
         }
     )
-    assert result["packageOverrides"] == [{"storeDir": "/gnu/store", "stateDir": "/var"}]
-    # Ours first, ahead of a client package's own guix-daemon.
-    assert result["systemPackages"] == [{"path": "/pkg", "priority": -10}]
     assert result["sockets"]["guix-daemon"] == {"wantedBy": ["sockets.target"]}
     daemon = result["services"]["guix-daemon"]
     assert daemon["stopIfChanged"] is False
     assert "wantedBy" not in daemon, "socket-activated: only the socket starts at boot"
+    assert daemon["environment"] == {
+        "GUIX_LOCPATH": "/var/guix/profiles/per-user/root/guix-profile/lib/locale",
+        "LC_ALL": "C.UTF-8",
+    }
     exec_start = daemon["serviceConfig"]["ExecStart"]
     assert exec_start[0] == "", "the packaged ExecStart= must be cleared first"
     assert exec_words(exec_start[1]) == [
@@ -259,14 +636,33 @@ def test_daemon_units() -> None:
 
     assert "guix-publish" not in result["services"] and "guix-gc" not in result["services"]
     assert result["timers"] == {} and "guix-publish" not in result["sockets"]
-    assert result["avahi"] == {} and result["firewallTCP"] == []
+    assert result["firewallTCP"] == []
+
+    # No substitute servers: no flag at all, so the daemon's default applies (nixpkgs does so).
+    empty = evaluate({"enable": True, "substituters": {"urls": []}})
+    start = exec_words(empty["services"]["guix-daemon"]["serviceConfig"]["ExecStart"][1])
+    assert start == ["/pkg/bin/guix-daemon", "--build-users-group=guixbuild"]
+    # Default URLs: nixpkgs' three.
+    default = evaluate({"enable": True})
+    start = exec_words(default["services"]["guix-daemon"]["serviceConfig"]["ExecStart"][1])
+    assert start[2] == "--substitute-urls=" + " ".join(DEFAULT_URLS)
+
+
+@needs_nix
+@needs_lib
+def test_proxy_reaches_the_daemon() -> None:
+    result = evaluate({"enable": True}, other={"networking": {"proxy": {"envVars": PROXY}}})
+    environment = result["services"]["guix-daemon"]["environment"]
+    assert environment["http_proxy"] == environment["https_proxy"] == PROXY["http_proxy"]
+    assert environment["LC_ALL"] == "C.UTF-8"
 
 
 @needs_nix
 @needs_lib
 def test_other_directories() -> None:
     result = evaluate({"enable": True, "storeDir": "/srv/gnu/store", "stateDir": "/srv/var"})
-    assert result["packageOverrides"] == [{"storeDir": "/srv/gnu/store", "stateDir": "/srv/var"}]
+    overrides = {"storeDir": "/srv/gnu/store", "stateDir": "/srv/var"}
+    assert [p["overrides"] for p in result["systemPackages"]] == [overrides, overrides]
     (mount,) = result["mounts"]
     assert mount["where"] == "/srv/gnu/store"
     text = result["activation"]["guix"]["text"]
@@ -296,24 +692,21 @@ def test_acl_built_from_authorized_keys(tmp_path: Path, package_dir: Path) -> No
     script = acl_entry["script"]
     assert script is not None and f"{package_dir}/bin/guixsvc archive --authorize" in script
 
-    def build(script: str, name: str) -> Path:
-        work = tmp_path / name
-        work.mkdir()
-        out = work / "out"
-        env = {**os.environ, "out": str(out)}
-        subprocess.run(
-            ["bash", "-euo", "pipefail", "-c", script], cwd=work, env=env, check=True, timeout=120
-        )
-        return out
-
-    acl = keys.Acl.load(build(script, "two"))
+    acl_file = run_acl_script(script, tmp_path / "two")
+    assert stat.S_IMODE(acl_file.stat().st_mode) == 0o600
+    acl = keys.Acl.load(acl_file)
     assert len(acl) == 2
     assert acl.authorizes(public_keys[0]) and acl.authorizes(public_keys[1])
     assert not acl.authorizes(public_keys[2])
 
     empty = evaluate({"enable": True, "substituters": {"authorizedKeys": []}}, package_dir)
-    acl = keys.Acl.load(build(empty["etc"]["guix/acl"]["script"], "none"))
+    acl = keys.Acl.load(run_acl_script(empty["etc"]["guix/acl"]["script"], tmp_path / "none"))
     assert len(acl) == 0
+
+    # By default the keys the Guix package ships (services.guix.package, not guixsvc).
+    default = evaluate({"enable": True}, package_dir)["etc"]["guix/acl"]["script"]
+    for host in ("ci", "bordeaux", "berlin"):
+        assert f"< /guix/share/guix/{host}.guix.gnu.org.pub" in default
 
 
 @needs_nix
@@ -378,6 +771,8 @@ def test_activation_scripts_run(tmp_path: Path) -> None:
 def test_environment() -> None:
     result = evaluate({"enable": True})
     profiles = result["profiles"]
+    # nixpkgs' order; `guix pull`'s profile named where it is, not through XDG_CONFIG_HOME
+    # (documented: pam_env leaves `${XDG_CONFIG_HOME}` empty when it is unset).
     guix_profiles = [
         "/var/guix/profiles/per-user/$USER/current-guix",
         "$HOME/.guix-home/profile",
@@ -387,8 +782,6 @@ def test_environment() -> None:
     assert result["sessionVariables"]["GUIX_LOCPATH"] == ":".join(
         f"{p}/lib/locale" for p in guix_profiles
     )
-    client = evaluate({"enable": True, "clientPackage": None})
-    assert len(client["systemPackages"]) == 1
 
 
 @needs_nix
@@ -399,10 +792,11 @@ def test_publish() -> None:
     publish = result["services"]["guix-publish"]
     assert publish["serviceConfig"] == {"User": "guix-publish"}
     assert publish["stopIfChanged"] is False
+    assert publish["environment"]["LC_ALL"] == "C.UTF-8"
     assert "guix-publish-keygen" not in result["services"]
     assert result["users"]["guix-publish"]["isSystemUser"] is True
     assert "guix-publish" in result["groups"]
-    assert result["firewallTCP"] == []
+    assert result["firewallTCP"] == [] and result["tmpfiles"] == []
 
     custom = evaluate(
         {
@@ -414,15 +808,17 @@ def test_publish() -> None:
                 "user": "nobody",
                 "generateKeyPair": False,
                 "compression": ["zstd:19", "gzip:9"],
-                "extraArgs": ["--ttl=30d"],
+                "extraArgs": ["--ttl=30d", "-c", "/srv/publish-cache"],
             },
         }
     )
     assert custom["sockets"]["guix-publish"]["listenStreams"] == ["", "8200"]
     assert custom["firewallTCP"] == [8200]
-    assert "guix-publish" not in custom["users"] and "guix-publish" not in custom["groups"]
+    # nixpkgs makes the group whatever the user.
+    assert "guix-publish" not in custom["users"] and "guix-publish" in custom["groups"]
     service = custom["services"]["guix-publish"]
     assert service["serviceConfig"]["User"] == "nobody"
+    assert "LoadCredential" not in service["serviceConfig"]
     exec_start = service["serviceConfig"]["ExecStart"]
     assert exec_start[0] == ""
     # `%d` (the credentials directory) must reach systemd as a specifier, not escaped.
@@ -435,40 +831,38 @@ def test_publish() -> None:
         "--compression=zstd:19",
         "--compression=gzip:9",
         "--ttl=30d",
+        "-c",
+        "/srv/publish-cache",
     ]
     keygen = custom["services"]["guix-publish-keygen"]
     assert keygen["unitConfig"]["ConditionPathExists"] == ["", "!/"]
+    # A cache outside /var/cache: writable, and made for the user.
+    assert service["serviceConfig"]["ReadWritePaths"] == ["/srv/publish-cache"]
+    assert "CacheDirectory" not in service["serviceConfig"]
+    assert custom["tmpfiles"] == ["d /srv/publish-cache 0750 nobody - - -"]
+
+    # One custom key file: the other stays the /etc/guix one.
+    one_key = evaluate(
+        {"enable": True, "publish": {"enable": True, "extraArgs": ["--private-key", "/k.sec"]}}
+    )["services"]["guix-publish"]["serviceConfig"]
+    assert one_key["LoadCredential"] == [
+        "",
+        "signing-key.pub:/etc/guix/signing-key.pub",
+        "signing-key.sec:/k.sec",
+    ]
+    assert shlex.split(one_key["ExecStart"][1])[3:] == [
+        "--public-key=%d/signing-key.pub",
+        "--private-key=%d/signing-key.sec",
+    ]
 
 
 @needs_nix
 @needs_lib
 def test_publish_compression_is_checked() -> None:
-    assert NIX_INSTANTIATE is not None
-    config = {
-        "services": {
-            "guix": {"enable": True, "publish": {"enable": True, "compression": ["brotli:3"]}}
-        }
-    }
-    result = subprocess.run(
-        [
-            NIX_INSTANTIATE,
-            "--eval",
-            "--strict",
-            "--json",
-            str(EVAL_MODULE),
-            "--argstr",
-            "nixpkgsLib",
-            str(_lib_dir()),
-            "--argstr",
-            "configJson",
-            json.dumps(config),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    error = evaluation_error(
+        {"enable": True, "publish": {"enable": True, "compression": ["brotli:3"]}}
     )
-    assert result.returncode != 0
-    assert "publish.compression" in result.stderr
+    assert "publish.compression" in error
 
 
 @needs_nix
@@ -514,11 +908,9 @@ def test_gc() -> None:
 
 @needs_nix
 @needs_lib
-def test_avahi_only_for_discovery() -> None:
-    assert evaluate({"enable": True})["avahi"] == {}
-    discover = evaluate({"enable": True, "extraArgs": ["--discover=yes"]})["avahi"]
-    assert discover["enable"] is True and discover["publish"]["userServices"] is True
-    advertise = evaluate(
-        {"enable": True, "publish": {"enable": True, "extraArgs": ["--advertise"]}}
-    )["avahi"]
-    assert advertise["enable"] is True
+def test_avahi_on_by_default_like_nixpkgs() -> None:
+    avahi = evaluate({"enable": True})["avahi"]
+    assert avahi == {"enable": True, "publish": {"enable": True, "userServices": True}}
+    # Defaults only: the admin's word wins.
+    off = evaluate({"enable": True}, other={"services": {"avahi": {"enable": False}}})
+    assert off["avahi"]["enable"] is False

@@ -1,12 +1,23 @@
 # Evaluates module.nix with nixpkgs' real module system, standing in for NixOS only where the
 # module writes: each of those options is a free-form attribute set (or list), so the result is
-# exactly what the module defines.  Used by tests/test_nixos_module.py; prints JSON.
+# exactly what the module defines.  nixpkgs' own `services.guix` is declared where NixOS has it,
+# `${modulesPath}/services/misc/guix` (tests/nixos/modules/), since every NixOS since 24.05 imports
+# it.  Used by tests/test_nixos_module.py; prints JSON.
 {
   nixpkgsLib,
   # The configuration under test, as JSON (so the tests can write it in Python).
   configJson ? "{}",
-  # A directory standing in for the package's output (the tests put a `bin/guixsvc` there).
-  packageDir ? "/nonexistent/guixsvc",
+  # A module file added to the configuration (for what JSON cannot say: packages).
+  extraModule ? null,
+  # Which modules declare `services.guix`:
+  #   "nixos"   ours beside nixpkgs' (as on a real NixOS),
+  #   "ours"    ours alone (a NixOS before 24.05),
+  #   "nixpkgs" nixpkgs' alone (does a configuration evaluate there?),
+  #   "clash"   both, nixpkgs' imported under a name `disabledModules` does not cover (must fail).
+  modules ? "nixos",
+  # A directory standing in for the guixsvc package's output (the tests put a `bin/guixsvc`
+  # there).
+  packageDir ? "/pkg",
   # Whether the NixOS under test has a `kvm` group.
   withKvm ? true,
 }:
@@ -32,17 +43,34 @@ let
   };
 
   # A derivation-shaped value: `types.package` accepts it, `override` records its arguments.
-  fakePackage = overrides: {
-    type = "derivation";
-    name = "guixsvc";
-    outPath = packageDir;
-    inherit overrides;
-    override = args: fakePackage (overrides // args);
-  };
+  fakePackage =
+    attrs: overrides:
+    attrs
+    // {
+      type = "derivation";
+      inherit overrides;
+      override = args: fakePackage attrs (overrides // args);
+    };
 
-  # `runCommand` keeps the build script so the tests can run it.
   fakePkgs = {
-    callPackage = fn: args: fakePackage { };
+    # guixsvc: what `callPackage ./nix/package.nix { }` gives.
+    callPackage =
+      fn: args:
+      fakePackage {
+        name = "guixsvc";
+        outPath = packageDir;
+        isGuixsvc = true;
+      } { };
+    # GNU Guix, nixpkgs' `guix`, and another one a configuration may choose.
+    guix = fakePackage {
+      name = "guix-1.4.0";
+      outPath = "/guix";
+    } { };
+    guix-custom = fakePackage {
+      name = "guix-custom";
+      outPath = "/guix-custom";
+    } { };
+    # `runCommand` keeps the build script so the tests can run it.
     runCommand = name: env: script: {
       type = "derivation";
       inherit name env script;
@@ -50,9 +78,20 @@ let
     };
   };
 
+  modulesPath = ./modules;
+  nixpkgsModule = modulesPath + "/services/misc/guix";
+
   nixosStandIn = {
     options = {
       meta = free;
+      assertions = mkOption {
+        type = types.listOf types.unspecified;
+        default = [ ];
+      };
+      warnings = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+      };
       users.users = free;
       users.groups = free;
       systemd.packages = freeList;
@@ -60,6 +99,10 @@ let
       systemd.sockets = free;
       systemd.timers = free;
       systemd.mounts = freeList;
+      systemd.tmpfiles.rules = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+      };
       environment.systemPackages = freeList;
       environment.etc = free;
       environment.sessionVariables = free;
@@ -84,78 +127,65 @@ let
     };
   };
 
+  serviceModules =
+    {
+      nixos = [
+        nixpkgsModule
+        ../../module.nix
+      ];
+      ours = [ ../../module.nix ];
+      nixpkgs = [ nixpkgsModule ];
+      clash = [
+        (nixpkgsModule + "/default.nix")
+        ../../module.nix
+      ];
+    }
+    .${modules};
+
   eval = lib.evalModules {
-    modules = [
-      nixosStandIn
-      ../../module.nix
-      (builtins.fromJSON configJson)
-    ];
+    specialArgs = { inherit modulesPath; };
+    modules =
+      [ nixosStandIn ]
+      ++ serviceModules
+      ++ [ (builtins.fromJSON configJson) ]
+      ++ lib.optional (extraModule != null) (/. + extraModule);
   };
   inherit (eval) config options;
 
-  # Every option of nixpkgs' services.guix with its type there, and the extras.
-  upstreamTypes = {
-    enable = types.bool;
-    package = types.package;
-    group = types.str;
-    nrBuildUsers = types.ints.unsigned;
-    extraArgs = types.listOf types.str;
-    storeDir = types.path;
-    stateDir = types.path;
-    "substituters.urls" = types.listOf types.str;
-    "substituters.authorizedKeys" = types.listOf types.path;
-    "publish.enable" = types.bool;
-    "publish.generateKeyPair" = types.bool;
-    "publish.port" = types.port;
-    "publish.user" = types.str;
-    "publish.extraArgs" = types.listOf types.str;
-    "gc.enable" = types.bool;
-    "gc.extraArgs" = types.listOf types.str;
-    "gc.dates" = types.str;
+  # Every leaf option under services.guix: type, default (derivations print as their path) and
+  # whether it shows in the manual.
+  describe = opt: {
+    type = opt.type.description;
+    default = if opt ? default then opt.default else null;
+    visible = opt.visible or true;
   };
-  extraTypes = {
-    clientPackage = types.nullOr types.package;
-    "publish.openFirewall" = types.bool;
-    "publish.compression" = types.listOf types.str;
-    "gc.randomizedDelaySec" = types.str;
-    "gc.persistent" = types.bool;
-  };
-  optionAt = name: lib.getAttrFromPath (lib.splitString "." name) options.services.guix;
-  describe =
-    name: expected:
-    let
-      opt = optionAt name;
-    in
-    {
-      type = opt.type.description;
-      expectedType = expected.description;
-      default = if opt ? default then opt.default else null;
-    };
-  # Every leaf option the module declares, to catch undeclared extras.
-  declared = lib.collect lib.isString (
-    lib.mapAttrsRecursiveCond (a: !(lib.isOption a)) (path: _: lib.concatStringsSep "." path) options.services.guix
+  declared = lib.listToAttrs (
+    lib.collect (x: x ? name && x ? value && x.value ? type) (
+      lib.mapAttrsRecursiveCond (a: !(lib.isOption a)) (
+        path: opt: lib.nameValuePair (lib.concatStringsSep "." path) (describe opt)
+      ) options.services.guix
+    )
   );
 
-  # Derivations print as their store path in JSON; keep the fields the tests look at.
-  units =
-    kind:
-    lib.mapAttrs (_: u: removeAttrs u [ ]) config.systemd.${kind};
-in
-{
-  upstream = lib.mapAttrs describe upstreamTypes;
-  extra = lib.mapAttrs describe extraTypes;
-  inherit declared;
-  packageOverrides = map (p: p.overrides or null) config.systemd.packages;
-  systemPackages = map (p: {
+  packageInfo = p: {
     path = p.outPath;
     priority = p.meta.priority or null;
-  }) config.environment.systemPackages;
+    overrides = p.overrides or null;
+  };
+in
+{
+  inherit declared;
+  failedAssertions = map (a: a.message) (lib.filter (a: !a.assertion) config.assertions);
+  inherit (config) warnings;
+  packages = map packageInfo config.systemd.packages;
+  systemPackages = map packageInfo config.environment.systemPackages;
   users = config.users.users;
   groups = config.users.groups;
-  services = units "services";
-  sockets = units "sockets";
-  timers = units "timers";
+  services = config.systemd.services;
+  sockets = config.systemd.sockets;
+  timers = config.systemd.timers;
   mounts = config.systemd.mounts;
+  tmpfiles = config.systemd.tmpfiles.rules;
   etc = lib.mapAttrs (_: e: {
     source = "${e.source}";
     script = e.source.script or null;
