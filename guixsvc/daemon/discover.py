@@ -10,7 +10,6 @@ daemon down.  With ``$GUIX`` set the daemon runs ``$GUIX discover`` instead, as 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import ctypes
@@ -23,7 +22,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from guixsvc import __version__
+from guixsvc.cliargs import (
+    BUG_REPORT,
+    Option,
+    UsageError,
+    help_option,
+    parse_command_line,
+    run_command,
+    version_option,
+)
 
 if TYPE_CHECKING:
     from guixsvc.daemon.settings import Settings
@@ -73,29 +80,44 @@ async def discover(cache_directory: str, stop: asyncio.Event | None = None) -> N
     await browser.run(stop)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG, usage="guix discover [OPTION]...",
-        description="Discover Guix related services using Avahi.", add_help=False,
-    )  # fmt: skip
-    p.add_argument("-c", "--cache", metavar="DIRECTORY",
-                   help="cache discovery results in DIRECTORY")  # fmt: skip
-    p.add_argument("-h", "--help", action="help", help="display this help and exit")
-    p.add_argument("-V", "--version", action="version",
-                   version=f"guix discover (GNU Guix) {__version__}")  # fmt: skip
-    p.add_argument("extra", nargs="*", help=argparse.SUPPRESS)
-    return p
+HELP = f"""\
+Usage: guix discover [OPTION]...
+Discover Guix related services using Avahi.
+
+  -c, --cache=DIRECTORY     cache discovery results in DIRECTORY
+  -h, --help                display this help and exit
+  -V, --version             display version information and exit
+{BUG_REPORT}"""
+
+
+@dataclass
+class _Options:
+    cache: str | None = None
+
+
+def _extraneous(opts: _Options, arg: str) -> None:
+    raise UsageError(f"{arg}: extraneous argument")
+
+
+OPTIONS: tuple[Option[_Options], ...] = (
+    help_option(HELP),
+    version_option(PROG),
+    Option(("c", "cache"), lambda o, a: setattr(o, "cache", a), required=True),
+)  # type: ignore[assignment]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    words = list(sys.argv[1:] if argv is None else argv)
+    return run_command(
+        PROG, lambda: _run(parse_command_line(words, OPTIONS, _Options(), _extraneous))
+    )
+
+
+def _run(opts: _Options) -> int:
     from guixsvc import avahi
     from guixsvc.store.config import StoreConfig
 
-    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    if args.extra:
-        sys.stderr.write(f"{PROG}: error: {args.extra[0]}: extraneous argument\n")
-        return 1
-    cache = args.cache or StoreConfig.from_env(daemon=False).state_dir
+    cache = opts.cache or StoreConfig.from_env(daemon=False).state_dir
 
     async def run() -> None:
         stop = asyncio.Event()
