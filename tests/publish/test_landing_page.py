@@ -151,6 +151,7 @@ def test_headless_chromium_renders_the_page(server: tuple[Node, str, str], tmp_p
     result = subprocess.run(
         [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
          "--no-first-run", "--disable-background-networking", "--disable-component-update",
+         "--disable-dev-shm-usage",
          "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr",
          "--v=0", "--dump-dom", f"{url}/"],
         capture_output=True, env=env, timeout=120,
