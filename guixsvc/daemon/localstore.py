@@ -15,7 +15,7 @@ import itertools
 import logging
 import os
 import pwd
-import shutil
+import re
 import stat
 from collections.abc import Callable
 from typing import TypeVar
@@ -58,9 +58,10 @@ from guixsvc.store.derivation import (
     read_derivation,
 )
 from guixsvc.store.hashes import UnknownHashType, new_hasher, parse_db_hash
-from guixsvc.store.locks import PathLocks
+from guixsvc.store.locks import PathLocks, delete_lock_file, lock_fd, open_lock_file
 from guixsvc.store.optimise import optimise_path, optimise_store
 from guixsvc.store.paths import InvalidName, InvalidStorePath, StorePath, check_name
+from guixsvc.store.safefs import remove_tree
 
 log = logging.getLogger("guix-daemon")
 
@@ -129,25 +130,101 @@ def initialise_store(config: StoreConfig, settings: Settings) -> None:
             os.chmod(config.store_dir, 0o1775)
     db = StoreDatabase.open(config.db_dir)
     db.close()
+    sweep_store(config)
 
 
 def delete_path(path: str) -> None:
-    """Remove a file tree even if canonicalisation made its directories read-only."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISDIR(st.st_mode):
-        os.unlink(path)
-        return
+    """Remove a file tree even if canonicalisation made its directories read-only.
 
-    os.chmod(path, 0o755)
-    for dirpath, dirnames, _ in os.walk(path):
-        for d in dirnames:
-            full = os.path.join(dirpath, d)
-            if not os.path.islink(full):
-                os.chmod(full, 0o755)
-    shutil.rmtree(path)
+    `safefs.remove_tree`: relative to directory descriptors, never following a symlink, any
+    depth (the tree may be a half-restored archive or something a build user can still touch).
+    """
+    remove_tree(path)
+
+
+_STAGING_RE = re.compile(r"(?:nix|\.tmp-link)-([0-9]+)-[0-9]+")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_store(config: StoreConfig, log: logging.Logger | None = None) -> list[str]:
+    """Remove what crashed workers left in the store; return the removed names.
+
+    - staging entries (`nix-<pid>-<n>`, `.tmp-link-<pid>-<n>`) of processes that are gone;
+    - `<path>.lock` and `<path>.chroot` of paths that are not valid, unless a live process has
+      the lock or a temp root on the path; anything but a regular file named `*.lock` (a planted
+      symlink or FIFO) is removed as well.
+    Runs under the exclusive `gc.lock` (skipped if a collector or worker holds it), like upstream's
+    collector which deletes the same things.  Errors are logged, never fatal.
+    """
+    logger = log or logging.getLogger("guixsvc.daemon")
+    removed: list[str] = []
+    lock = roots.GCLock(config.state_dir, exclusive=True)
+    if not lock.acquire(wait=False):
+        return removed
+    snapshot: roots.TempRootsSnapshot | None = None
+    db = StoreDatabase.open(config.db_dir)
+    try:
+        snapshot = roots.read_temp_roots(config.state_dir, config.store_dir)
+        for name in os.listdir(config.store_dir):
+            path = f"{config.store_dir}/{name}"
+            try:
+                if _sweep_one(config, db, snapshot.roots, name, path):
+                    removed.append(name)
+            except OSError as exc:
+                logger.warning("warning: cannot remove stale `%s': %s", path, exc)
+    finally:
+        if snapshot is not None:
+            snapshot.close()
+        db.close()
+        lock.release()
+    for name in removed:
+        logger.info("removed stale store entry `%s/%s'", config.store_dir, name)
+    return removed
+
+
+def _sweep_one(
+    config: StoreConfig, db: StoreDatabase, temp_roots: set[str], name: str, path: str
+) -> bool:
+    m = _STAGING_RE.fullmatch(name)
+    if m is not None:
+        if path in temp_roots or _pid_alive(int(m.group(1))):
+            return False
+        remove_tree(path)
+        return True
+    for suffix in (".lock", ".chroot"):
+        if name.endswith(suffix):
+            base = path[: -len(suffix)]
+            break
+    else:
+        return False
+    if base in temp_roots or db.is_valid(base):
+        return False
+    if suffix == ".chroot":
+        remove_tree(path)
+        return True
+    try:
+        fd = open_lock_file(path, False)
+    except OSError:
+        remove_tree(path)  # a symlink, FIFO or directory planted under a lock file's name
+        return True
+    if fd is None:
+        return False
+    try:
+        if not lock_fd(fd, "w", False):
+            return False  # somebody is working on that path right now
+        delete_lock_file(path, fd)
+    finally:
+        os.close(fd)
+    return True
 
 
 class _FlatSink:
@@ -349,6 +426,9 @@ class LocalStore:
             if self.db.is_valid(dest):
                 return
             with PathLocks([dest]) as locks:
+                # The lock file is not needed afterwards, whether the install succeeds or not:
+                # a failure must not leave `<dest>.lock` behind in the store.
+                locks.set_deletion(True)
                 if self.db.is_valid(dest):
                     return
                 delete_path(dest)
