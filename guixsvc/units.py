@@ -13,12 +13,20 @@ before the first start of `guix publish`: it creates the signing key pair like
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from guixsvc.cliargs import (
+    Option,
+    UsageError,
+    help_option,
+    parse_command_line,
+    run_command,
+    version_option,
+)
 
 TEMPLATE_SUFFIX = ".j2"
 # The template of the store's mount unit; its output name depends on the store directory.
@@ -172,34 +180,98 @@ def generate_key(conf_dir: str) -> int:
     return 0
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="guixsvc units",
-        description="Render the systemd units of guix-daemon, guix publish and guix gc.",
-    )
-    parser.add_argument("--store-dir", default=DEFAULT_STORE_DIR)
-    parser.add_argument("--state-dir", default=DEFAULT_STATE_DIR)
-    parser.add_argument("--conf-dir", default=DEFAULT_CONF_DIR)
-    parser.add_argument(
-        "--prefix", default=DEFAULT_PREFIX, help="installation prefix of guixsvc (PREFIX/bin)"
-    )
-    parser.add_argument("--publish-port", type=int, default=DEFAULT_PUBLISH_PORT)
-    parser.add_argument("--build-users-group", dest="build_group", default=DEFAULT_BUILD_GROUP)
-    parser.add_argument("--build-users", type=int, default=DEFAULT_BUILD_USERS)
-    parser.add_argument("--gc-arguments", default=DEFAULT_GC_ARGUMENTS)
-    parser.add_argument("--gc-calendar", default=DEFAULT_GC_CALENDAR)
-    parser.add_argument("--output", metavar="DIR", help="write the units there (default: print)")
-    parser.add_argument("--sysusers", metavar="FILE", help="also write the sysusers.d file")
-    parser.add_argument(
-        "--generate-key",
-        action="store_true",
-        help="create CONF-DIR/signing-key.{pub,sec} if missing, then exit",
-    )
-    return parser
+PROG = "guixsvc units"
+
+HELP = f"""\
+Usage: guixsvc units [OPTION]...
+Render the systemd units of guix-daemon, guix publish and guix gc.
+
+      --store-dir=DIR    use DIR as the store (default: {DEFAULT_STORE_DIR})
+      --state-dir=DIR    use DIR as the state directory (default: {DEFAULT_STATE_DIR})
+      --conf-dir=DIR     use DIR as the configuration directory
+                         (default: {DEFAULT_CONF_DIR})
+      --prefix=PREFIX    the installation prefix of guixsvc, PREFIX/bin
+                         (default: {DEFAULT_PREFIX})
+      --publish-port=PORT
+                         guix publish listens on PORT (default: {DEFAULT_PUBLISH_PORT})
+      --build-users-group=GROUP
+                         build as the users of GROUP (default: {DEFAULT_BUILD_GROUP})
+      --build-users=N    create N build users (default: {DEFAULT_BUILD_USERS})
+      --gc-arguments=ARGS
+                         run 'guixsvc gc ARGS' (default: '{DEFAULT_GC_ARGUMENTS}')
+      --gc-calendar=WHEN run the collector at WHEN (default: {DEFAULT_GC_CALENDAR})
+      --output=DIR       write the units to DIR instead of printing them
+      --sysusers=FILE    also write the sysusers.d file FILE
+      --generate-key     create CONF-DIR/signing-key.{{pub,sec}} if missing, then exit
+
+  -h, --help             display this help and exit
+  -V, --version          display version information and exit
+"""
+
+
+@dataclass
+class _Options:
+    store_dir: str = DEFAULT_STORE_DIR
+    state_dir: str = DEFAULT_STATE_DIR
+    conf_dir: str = DEFAULT_CONF_DIR
+    prefix: str = DEFAULT_PREFIX
+    publish_port: int = DEFAULT_PUBLISH_PORT
+    build_group: str = DEFAULT_BUILD_GROUP
+    build_users: int = DEFAULT_BUILD_USERS
+    gc_arguments: str = DEFAULT_GC_ARGUMENTS
+    gc_calendar: str = DEFAULT_GC_CALENDAR
+    output: str | None = None
+    sysusers: str | None = None
+    generate_key: bool = False
+
+
+def _number(text: str) -> int:
+    try:
+        return int(text, 10)
+    except ValueError:
+        raise UsageError(f"{text}: invalid number") from None
+
+
+def _set(
+    name: str, convert: Callable[[str], object] = str
+) -> Callable[[_Options, str | None], None]:
+    def handle(opts: _Options, arg: str | None) -> None:
+        assert arg is not None
+        setattr(opts, name, convert(arg))
+
+    return handle
+
+
+def _extraneous(opts: _Options, arg: str) -> None:
+    raise UsageError(f"{arg}: extraneous argument")
+
+
+OPTIONS: tuple[Option[_Options], ...] = (
+    help_option(HELP),
+    version_option(PROG, "guixsvc"),
+    Option(("store-dir",), _set("store_dir"), required=True),
+    Option(("state-dir",), _set("state_dir"), required=True),
+    Option(("conf-dir",), _set("conf_dir"), required=True),
+    Option(("prefix",), _set("prefix"), required=True),
+    Option(("publish-port",), _set("publish_port", _number), required=True),
+    Option(("build-users-group",), _set("build_group"), required=True),
+    Option(("build-users",), _set("build_users", _number), required=True),
+    Option(("gc-arguments",), _set("gc_arguments"), required=True),
+    Option(("gc-calendar",), _set("gc_calendar"), required=True),
+    Option(("output",), _set("output"), required=True),
+    Option(("sysusers",), _set("sysusers"), required=True),
+    Option(("generate-key",), lambda o, _: setattr(o, "generate_key", True)),
+)  # type: ignore[assignment]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    return run_command(
+        PROG, lambda: _run(parse_command_line(words, OPTIONS, _Options(), _extraneous))
+    )
+
+
+def _run(args: _Options) -> int:
     if args.generate_key:
         return generate_key(args.conf_dir)
     settings = UnitSettings(
@@ -216,8 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         rendered = render(settings)
     except UnitsError as exc:
-        sys.stderr.write(f"guixsvc units: error: {exc}\n")
-        return 1
+        raise UsageError(str(exc)) from None
     if args.output is None:
         for name, text in rendered.items():
             sys.stdout.write(f"### {name}\n{text}\n")

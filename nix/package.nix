@@ -99,10 +99,10 @@ python3Packages.buildPythonPackage {
     GUIXSVC_UNITS_DIR="$NIX_BUILD_TOP/$sourceRoot/units" \
     PYTHONPATH="$out/${python3Packages.python.sitePackages}:$PYTHONPATH" \
       ${python3Packages.python.interpreter} -m guixsvc.cli units \
-        --store-dir ${lib.escapeShellArg storeDir} \
-        --state-dir ${lib.escapeShellArg "${stateDir}/guix"} \
-        --prefix "$out" \
-        --output "$out/lib/systemd/system"
+        --store-dir=${lib.escapeShellArg storeDir} \
+        --state-dir=${lib.escapeShellArg "${stateDir}/guix"} \
+        --prefix="$out" \
+        --output="$out/lib/systemd/system"
     ${lib.concatStrings (lib.mapAttrsToList installKey officialKeys)}
   '';
 

@@ -121,7 +121,7 @@ def test_daemon_exposure_reported(tmp_path: Path) -> None:
 
 
 def test_cli_writes_units(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--store-dir=/gnu/store", "--output", str(tmp_path / "o")]) == 0
+    assert main(["--store-dir=/gnu/store", f"--output={tmp_path / 'o'}"]) == 0
     assert {p.name for p in (tmp_path / "o").iterdir()} == UNITS
     assert main(["--store-dir=relative"]) == 1
 
