@@ -1,8 +1,8 @@
 """`guixsvc`: one command for every service, each subcommand taking upstream's own flags.
 
-`guixsvc daemon` is `guix-daemon`; `publish`, `gc`, `archive` and `processes` join as they are
-written.  The subcommand's arguments are handed over untouched so flag handling stays in one
-place per command.
+`guixsvc daemon` is `guix-daemon`; `publish`, `gc`, `archive`, `build`, `download` and
+`discover` are their `guix` namesakes.  The subcommand's arguments are handed over untouched so
+flag handling stays in one place per command; this dispatcher answers like upstream's `guix`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 
-from guixsvc import __version__
+from guixsvc.cliargs import hint, option_hint, run_command, version_text
 
 #: Subcommand → (module whose `main(argv)` runs it, summary).  Modules load on demand so that
 #: `guixsvc daemon` never imports the HTTP stack and the reverse.
@@ -26,25 +26,40 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "discover": ("guixsvc.daemon.discover", "discover publish servers with Avahi (guix discover)"),
 }
 
-USAGE = (
-    "Usage: guixsvc COMMAND ARGS...\nRun the GNU Guix store services.\n\n"
-    "COMMAND must be one of:\n"
-    + "".join(f"  {name:<11} {summary}\n" for name, (_, summary) in COMMANDS.items())
-    + "\nRun 'guixsvc COMMAND --help' for the options of COMMAND.\n"
+HELP = (
+    "Usage: guixsvc OPTION | COMMAND ARGS...\nRun COMMAND with ARGS, if given.\n\n"
+    "  -h, --help             display this helpful text again and exit\n"
+    "  -V, --version          display version and copyright information and exit\n\n"
+    "COMMAND must be one of the sub-commands listed below:\n\n"
+    + "".join(f"    {name:<9}  {summary}\n" for name, (_, summary) in COMMANDS.items())
 )
+
+TRY = "Try `guixsvc --help' for more information.\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """`run-guix` (guix/ui.scm) for our commands: dispatch, or upstream's messages."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help"):
-        sys.stdout.write(USAGE)
-        return 0 if args else 1
+    if not args:
+        sys.stderr.write("guixsvc: missing command name\n" + TRY)
+        return 1
+    if args[0] in ("-h", "--help") or args == ["help"]:
+        return run_command("guixsvc", lambda: sys.stdout.write(HELP) and 0)
     if args[0] in ("-V", "--version"):
-        sys.stdout.write(f"guixsvc {__version__}\n")
+        sys.stdout.write(version_text("guixsvc", "guixsvc"))
         return 0
+    if args[0].startswith("-"):
+        sys.stderr.write(f"guixsvc: unrecognized option '{args[0]}'\n" + TRY)
+        return 1
+    if args[0] == "help":
+        args = [args[1], "--help"]
     entry = COMMANDS.get(args[0])
     if entry is None:
-        sys.stderr.write(f"guixsvc: {args[0]}: command not found\n{USAGE}")
+        sys.stderr.write(f"guixsvc: {args[0]}: command not found\n")
+        suggestion = option_hint(args[0], COMMANDS)
+        if suggestion:
+            hint(f"Did you mean `{suggestion}'?")
+        sys.stderr.write(TRY)
         return 1
     run: Callable[[Sequence[str]], int] = importlib.import_module(entry[0]).main
     return run(args[1:])
