@@ -22,6 +22,7 @@ import re
 import ssl
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -170,12 +171,7 @@ class _Connections:
         key = (scheme, host, port)
         conn = pool.get(key)
         if conn is None:
-            if scheme == "https":
-                conn = http.client.HTTPSConnection(
-                    host, port, timeout=30, context=ssl.create_default_context()
-                )
-            else:
-                conn = http.client.HTTPConnection(host, port, timeout=30)
+            conn = _connect(scheme, host, port)
             pool[key] = conn
         return conn
 
@@ -184,6 +180,49 @@ class _Connections:
         conn = pool.pop((scheme, host, port), None)
         if conn is not None:
             conn.close()
+
+
+class _ProxiedHTTPConnection(http.client.HTTPConnection):
+    """Plain HTTP through a proxy: requests name the absolute URL (and `Host` its server)."""
+
+    def __init__(self, proxy_host: str, proxy_port: int, origin: str) -> None:
+        super().__init__(proxy_host, proxy_port, timeout=30)
+        self.origin = origin
+
+    def putrequest(self, method: str, url: str, *args: object, **kwargs: object) -> None:
+        if url.startswith("/"):
+            url = self.origin + url
+        super().putrequest(method, url, *args, **kwargs)  # type: ignore[arg-type]
+
+
+def _proxy_for(scheme: str, host: str) -> tuple[str, int] | None:
+    """The proxy `http_proxy`/`https_proxy` name for this server unless `no_proxy` exempts it:
+    the environment upstream's `guix substitute` honours (NixOS passes networking.proxy)."""
+    proxy = urllib.request.getproxies().get(scheme)
+    if not proxy or urllib.request.proxy_bypass(host):
+        return None
+    parts = urlsplit(proxy if "://" in proxy else "http://" + proxy)
+    return parts.hostname or "localhost", parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def _connect(scheme: str, host: str, port: int | None) -> http.client.HTTPConnection:
+    proxy = _proxy_for(scheme, host)
+    if scheme == "https":
+        if proxy is None:
+            return http.client.HTTPSConnection(
+                host, port, timeout=30, context=ssl.create_default_context()
+            )
+        # A CONNECT tunnel; TLS (and its host name check) is with the server itself.
+        conn = http.client.HTTPSConnection(
+            proxy[0], proxy[1], timeout=30, context=ssl.create_default_context()
+        )
+        conn.set_tunnel(host, port)
+        return conn
+    if proxy is None:
+        return http.client.HTTPConnection(host, port, timeout=30)
+    return _ProxiedHTTPConnection(
+        proxy[0], proxy[1], f"http://{host}" + (f":{port}" if port else "")
+    )
 
 
 def _max_age(headers: http.client.HTTPMessage) -> int | None:
