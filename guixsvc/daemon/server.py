@@ -64,7 +64,11 @@ def _stop(signum: int, frame: object) -> None:
     raise _Stop
 
 
-def run_daemon(settings: Settings, listen_specs: list[str]) -> int:
+def run_daemon(
+    settings: Settings, listen_specs: list[str], *, sockets: list[socket.socket] | None = None
+) -> int:
+    """Serve until told to stop; `sockets` are already listening (`guix-daemon` opens them
+    before importing this module), else they are opened from `listen_specs` here."""
     listen.setup_logging(settings.debug)
     os.umask(0o022)
     config = StoreConfig.from_env()
@@ -77,19 +81,24 @@ def run_daemon(settings: Settings, listen_specs: list[str]) -> int:
     if os.geteuid() != 0 and settings.get_bool("build-use-chroot"):
         log.warning("warning: not running as root: builds will not be isolated (chroot disabled)")
         settings.set("build-use-chroot", "false")
-    # Open the store once here, before listening: a broken store is reported at start-up rather
-    # than to the first client, and whoever can connect finds the database created (in WAL
-    # mode) already.  The database handle is closed before any fork.
+    # Open the store once here, before any worker accepts: a broken store is reported at
+    # start-up rather than to the first client, and whoever is served finds the database
+    # created (in WAL mode) already (clients that connected meanwhile wait in the backlog).
+    # The database handle is closed before any fork.
     try:
         initialise_store(config, settings)
     except Exception as exc:
         sys.stderr.write(f"error: {exc}\n")
+        for sock in sockets or ():
+            with contextlib.suppress(OSError):
+                sock.close()
         return 1
-    try:
-        sockets = listen.listening_sockets(listen_specs, config.socket_path)
-    except listen.ListenError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 1
+    if sockets is None:
+        try:
+            sockets = listen.listening_sockets(listen_specs, config.socket_path)
+        except listen.ListenError as exc:
+            sys.stderr.write(f"error: {exc}\n")
+            return 1
     for sock in sockets:
         sock.setblocking(False)
     # With --discover, `guix discover` runs beside the daemon (a child process: the main
@@ -121,17 +130,17 @@ class _Pool:
         self.stopping = False
 
     def run(self, ready: str) -> None:
-        signal.signal(signal.SIGTERM, _stop)
-        signal.signal(signal.SIGINT, _stop)
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         # Wake the select loop when a worker exits.
         wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-        signal.signal(signal.SIGCHLD, lambda *_: None)
         os.set_blocking(self.status_r, False)
-        self._top_up()
-        listen.notify(ready)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
         try:
+            signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+            signal.signal(signal.SIGCHLD, lambda *_: None)
+            self._top_up()  # a stop signal may arrive while the first workers are forked
+            listen.notify(ready)
             while True:
                 readable, _, _ = select.select([self.status_r, wake_r], [], [])
                 if wake_r in readable:
@@ -200,6 +209,8 @@ class _Pool:
         try:
             os.close(self.status_r)
             _Worker(self.sockets, self.status_w, self.config, self.settings, parent).run()
+        except _Stop:  # told to stop before it served anyone: a normal exit
+            pass
         except BaseException:  # a worker must never return into the main loop
             log.exception("worker crashed")
             status = 1

@@ -11,8 +11,10 @@ from __future__ import annotations
 import dataclasses
 import pwd
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from guixsvc.protocol.ops import ClientOptions
+if TYPE_CHECKING:  # not imported at run time: guix-daemon listens before loading the protocol
+    from guixsvc.protocol.ops import ClientOptions
 
 DEFAULT_SUBSTITUTE_URLS = "https://bordeaux.guix.gnu.org https://ci.guix.gnu.org"
 

@@ -11,8 +11,10 @@ import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from guixsvc.store.paths import StoreDir
+if TYPE_CHECKING:  # imported when used: guix-daemon reads its socket name before listening
+    from guixsvc.store.paths import StoreDir
 
 DEFAULT_STORE = "/gnu/store"
 DEFAULT_STATE = "/var/guix"
@@ -44,6 +46,8 @@ class StoreConfig:
 
     @functools.cached_property
     def store(self) -> StoreDir:
+        from guixsvc.store.paths import StoreDir
+
         return StoreDir(self.store_dir)
 
     @property

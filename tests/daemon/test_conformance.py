@@ -247,3 +247,72 @@ def test_dot_names_and_subdirectories_are_refused(d: Daemon, name: str) -> None:
     """Beyond upstream: `.`, `..`, dot files and sub-directories are never store items."""
     with client(d) as c, pytest.raises(DaemonError, match="not in the store"):
         c.is_valid_path(f"{d.store_dir}/{name}")
+
+
+# --- start-up ----------------------------------------------------------------------------------
+
+
+def test_listens_before_the_store_is_ready_but_serves_only_after(tmp_path: Path) -> None:
+    """Upstream's socket exists a few milliseconds after start (its test suite connects at
+    once); ours is bound before the rest of the daemon loads.  Nobody is served before the store
+    is initialised: here the big lock is held, so initialisation waits, and a client that
+    connected meanwhile gets its handshake answered only once the lock is released."""
+    import fcntl
+
+    from guixsvc.protocol.ops import WORKER_MAGIC_1, WORKER_MAGIC_2
+    from guixsvc.protocol.wire import encode_int
+
+    env = store_env(tmp_path)
+    db_dir = Path(env["GUIX_DATABASE_DIRECTORY"])
+    db_dir.mkdir(parents=True)
+    lock = os.open(db_dir / "big-lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.lockf(lock, fcntl.LOCK_EX)
+    sock = str(tmp_path / "daemon.sock")
+    log = open(tmp_path / "daemon.log", "wb")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "guixsvc.daemon.cli", f"--listen={sock}", "--disable-chroot"],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    daemon = Daemon(tmp_path, sock, env, proc)
+    try:
+        wait_for_socket(sock, proc, tmp_path / "daemon.log")  # while the store is locked
+        early = socket.socket(socket.AF_UNIX)
+        early.connect(sock)
+        early.sendall(encode_int(WORKER_MAGIC_1))
+        early.settimeout(1.0)
+        with pytest.raises(TimeoutError):
+            early.recv(8)  # no worker yet: the store is not initialised
+        assert not (db_dir / "db.sqlite").exists()
+        os.close(lock)  # releases the lock: the store is initialised, workers start
+        early.settimeout(20)
+        assert int.from_bytes(early.recv(8), "little") == WORKER_MAGIC_2
+        early.close()
+        with DaemonClient(sock) as c:
+            p = c.add_text_to_store("after-start", b"ok")
+            assert c.is_valid_path(p)
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(lock)
+        stop_daemon(daemon)
+
+
+def test_stopped_while_starting_workers_prints_no_traceback(tmp_path: Path) -> None:
+    """SIGTERM right after the socket appears (workers being forked, the store being opened)."""
+    import signal
+    import time
+
+    for i in range(12):
+        root = tmp_path / str(i)
+        root.mkdir()
+        env = store_env(root)
+        sock = str(root / "daemon.sock")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "guixsvc.daemon.cli", f"--listen={sock}", "--disable-chroot"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        while not os.path.exists(sock) and proc.poll() is None:
+            time.sleep(0.001)
+        time.sleep(0.003 * i)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+        assert b"Traceback" not in out, out.decode(errors="replace")
