@@ -26,6 +26,8 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from guixsvc.daemon.build import seccomp
+from guixsvc.store import safefs
 from guixsvc.store.locks import lock_fd
 
 CLONE_NEWNS = 0x00020000
@@ -178,19 +180,26 @@ def acquire_build_user(group: str, state_dir: str) -> BuildUser | None:
 
 
 def kill_user(uid: int) -> None:
-    """Kill every process of `uid` (upstream `killUser`: a child that setuids and kill(-1))."""
+    """Kill every process of `uid` (upstream `killUser`: a child that setuids and kill(-1)),
+    and empty the keyrings the uid keeps across builds, so nothing a build started or planted
+    survives into the next build that gets this user."""
     pid = os.fork()
     if pid == 0:
         try:
-            os.setuid(uid)
-            while True:
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(uid, uid, uid)
+            # kill(-1) spares the caller: repeat until no process of the uid is left (a
+            # process that forks in between is caught by the next round).
+            for _ in range(100):
                 try:
                     os.kill(-1, signal.SIGKILL)
                 except InterruptedError:
                     continue
                 except ProcessLookupError:
-                    pass
-                break
+                    break
+            with contextlib.suppress(OSError):
+                seccomp.clear_user_keyrings()
             os._exit(0)
         except BaseException:
             os._exit(1)
@@ -219,6 +228,8 @@ class ChildSpec:
     private_network: bool = True
     personality: int | None = None
     builtin: Callable[[], None] | None = None  # run in the child instead of exec
+    #: Fresh session keyring, no_new_privs and the seccomp filter (see `seccomp`).
+    confine: bool = True
 
 
 DEV_NODES = ("/dev/full", "/dev/kvm", "/dev/null", "/dev/random", "/dev/tty", "/dev/urandom",
@@ -312,21 +323,10 @@ def _write(path: str, text: str) -> None:
 
 
 def remove_tree(path: str) -> None:
-    """Delete a tree whatever its permissions (never following symlinks)."""
-    if not os.path.lexists(path):
-        return
-    if not os.path.isdir(path) or os.path.islink(path):
-        os.unlink(path)
-        return
-    for dirpath, dirnames, _ in os.walk(path):
-        with contextlib.suppress(OSError):
-            os.chmod(dirpath, 0o700)
-        for d in dirnames:
-            full = os.path.join(dirpath, d)
-            if not os.path.islink(full):
-                with contextlib.suppress(OSError):
-                    os.chmod(full, 0o700)
-    shutil.rmtree(path, ignore_errors=True)
+    """Delete a tree whatever its permissions, never following symlinks (`safefs.remove_tree`:
+    descriptor-relative and iterative, so a build tree rearranged by a builder, or deeper than
+    PATH_MAX, cannot redirect or stop it)."""
+    safefs.remove_tree(path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -379,6 +379,8 @@ def _become_builder(spec: ChildSpec, log_fd: int) -> None:
             raise OSError(errno.EPERM, "cannot set uid")
         if os.getgid() != spec.gid or os.getegid() != spec.gid:
             raise OSError(errno.EPERM, "cannot set gid")
+    if spec.confine:
+        seccomp.confine_builder()
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     os.write(2, b"\n")
     if spec.builtin is not None:

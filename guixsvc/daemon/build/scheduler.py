@@ -14,10 +14,11 @@ import contextlib
 import enum
 import os
 import platform
+import pwd
 import random
 import select
-import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -136,6 +137,7 @@ class Goal:
     missing: list[str] = field(default_factory=list)
     input_paths: set[str] = field(default_factory=set)
     user: sandbox.BuildUser | None = None
+    slirp: subprocess.Popen[bytes] | None = None  # slirp4netns of a fixed-output build
     tmp_dir: str | None = None
     top_dir: str | None = None
     chroot: str | None = None
@@ -247,9 +249,20 @@ class Worker:
         try:
             self._loop()
         finally:
+            # Whatever ended the loop, no goal keeps a build user, a chroot, a build tree, a
+            # network helper or a lock beyond this request.
             for g in list(self.running.values()):
                 self._kill(g)
-                self._cleanup(g, failed=True)
+            self.running.clear()
+            for g in self.goals.values():
+                if g.running is not None:
+                    with contextlib.suppress(OSError):
+                        os.close(g.running.fd)
+                    with contextlib.suppress(ChildProcessError):
+                        os.waitpid(g.running.pid, 0)
+                    g.running = None
+                if g.user or g.chroot or g.top_dir or g.locks or g.slirp or g.moved_aside:
+                    self._cleanup(g, failed=True)
         failed = failed_paths + [
             p
             for p, g in top
@@ -607,8 +620,14 @@ class Worker:
             self._cleanup(g, failed=True)
             self._done(g, Result.INPUT_REJECTED)
             return False
-        except (OSError, sandbox.SandboxError, sandbox.BuildUsersError, StoreError) as exc:
+        except BaseException as exc:
+            if g.running is not None:
+                self.running.pop(g.running.fd, None)
+                self._kill(g)
+                g.running = None
             self._cleanup(g, failed=True)
+            if not isinstance(exc, Exception):
+                raise
             text = str(exc) if not isinstance(exc, OSError) or not exc.filename else (
                 f"{exc.strerror}: {exc.filename}")  # fmt: skip
             raise StoreError(text) from None
@@ -903,9 +922,31 @@ class Worker:
                 sandbox.kill_user(g.user.uid)
 
     def _builder_done(self, g: Goal) -> None:
+        """Reap a builder whose log ended (or that timed out) and process its outputs.
+
+        Whatever goes wrong in there, the goal's clean-up runs before this returns or raises:
+        the build user's processes are killed and the user released, the chroot and the build
+        tree removed, the output locks released.  An unexpected error while processing the
+        outputs rejects them (and the worker goes on with its other goals)."""
         r = g.running
         assert r is not None
         del self.running[r.fd]
+        try:
+            self._finish_build(g, r)
+        except (StoreError, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:
+            if g.result is None and g.running is None:
+                self._reject(g, f"error: processing the outputs of `{g.drv_path}': {exc}")
+            else:
+                raise
+        finally:
+            if g.running is None:
+                self._cleanup(g, failed=g.result not in (Result.BUILT, Result.ALREADY_VALID))
+                if g.result is None:
+                    self._done(g, Result.OUTPUT_REJECTED)
+
+    def _finish_build(self, g: Goal, r: Running) -> None:
         if r.timed_out:
             self._kill(g)
         else:
@@ -978,19 +1019,31 @@ class Worker:
         return g.chroot + path if g.chroot else path
 
     def _move_failed_outputs(self, g: Goal) -> None:
-        if g.chroot is None or self.mode != BuildMode.NORMAL:
+        """Upstream keeps a failed build's outputs in the store for debugging; they are made
+        safe first (CVE-2024-52867): no setuid/setgid bit, no group/world write permission,
+        owned by the daemon, never by the build user that the next builds run as."""
+        if self.mode != BuildMode.NORMAL:
             return
+        owner = (os.geteuid(), os.getegid()) if os.geteuid() == 0 else None
         for p in g.missing:
             actual = self._actual(g, p)
-            if os.path.lexists(actual) and not os.path.lexists(p):
-                with contextlib.suppress(OSError):
+            if not os.path.lexists(actual) or (g.chroot is not None and os.path.lexists(p)):
+                continue
+            try:
+                outputs.secure_tree(actual, owner)
+                if g.chroot is not None:
                     os.rename(actual, p)
+            except Exception as exc:  # a failed output that cannot be made safe goes
+                self.msg(LVL_ERROR, f"error: {exc}")
+                with contextlib.suppress(OSError):
+                    sandbox.remove_tree(actual)
 
     def _register_outputs(self, g: Goal) -> bool:
         """Process the outputs of a successful round; True when the goal is finished."""
         assert g.drv is not None
         drv = g.drv
         uid = g.user.uid if g.user else None
+        fixed = environment.is_fixed_output_build(drv)
         inodes: set[tuple[int, int]] = set()
         all_paths = g.input_paths | {o.path for o in drv.outputs.values()}
         infos: dict[str, ValidPathInfo] = {}
@@ -999,13 +1052,16 @@ class Worker:
             actual = self._actual(g, p)
             if not os.path.lexists(actual):
                 raise BuildError(f"builder for `{g.drv_path}' failed to produce output path `{p}'")
+            outputs.check_permissions(actual, uid)
+            if fixed:
+                # CVE-2024-27297: a fresh copy no builder descriptor can reach.
+                actual = self._fresh_copy(g, p, actual)
             if g.chroot and self.mode == BuildMode.REPAIR:
                 replace_valid_path(p, actual)
                 actual = p
             elif g.chroot and self.mode != BuildMode.CHECK:
                 os.rename(actual, p)
                 actual = p
-            outputs.check_permissions(actual, uid)
             name = next(n for n, o in drv.outputs.items() if o.path == p)
             outputs.check_fixed_output(
                 drv, name, p, actual, self.trace if self.settings.print_build_trace else None
@@ -1013,7 +1069,7 @@ class Worker:
             info = outputs.scan_output(
                 p,
                 actual,
-                build_uid=uid,
+                build_uid=None if fixed else uid,
                 inodes_seen=inodes,
                 candidates=all_paths,
                 drv_path=g.drv_path,
@@ -1073,6 +1129,16 @@ class Worker:
             self._good_cache[p] = True
         return True
 
+    def _fresh_copy(self, g: Goal, p: str, actual: str) -> str:
+        """Replace the output at `actual` by a copy owned by the daemon (upstream copies each
+        fixed output to `<out>.tmp` and renames it back); returns the copy's location."""
+        copy = f"{actual}.tmp-{os.getpid()}"
+        sandbox.remove_tree(copy)
+        outputs.copy_fresh(actual, copy)
+        sandbox.remove_tree(actual)
+        os.rename(copy, actual)
+        return actual
+
     def closure_with(self, infos: dict[str, ValidPathInfo]) -> Callable[[Iterable[str]], set[str]]:
         def closure(paths: Iterable[str]) -> set[str]:
             seen: set[str] = set()
@@ -1089,27 +1155,44 @@ class Worker:
         return closure
 
     def _cleanup(self, g: Goal, *, failed: bool, keep_locks: bool = False) -> None:
-        """Remove the chroot and build tree (or keep it), release the user and the locks."""
+        """Remove the chroot and build tree (or keep it), stop the build user's processes and
+        release it, release the locks.  Idempotent, and every step runs whatever the others
+        did: a step that fails is reported, never allowed to keep the user or the locks."""
+
+        def step(what: str, fn: Callable[[], None]) -> None:
+            try:
+                fn()
+            except Exception as exc:  # clean-up goes on; the error is reported
+                self.msg(LVL_ERROR, f"error: {what} of `{g.drv_path}': {exc}")
+
+        if g.slirp is not None:
+            step("stopping the network helper", lambda: _stop_process(g))
         if not keep_locks:
-            for p, aside in g.moved_aside.items():
-                if failed:
-                    sandbox.remove_tree(p)
-                    os.rename(aside, p)
-                else:
-                    sandbox.remove_tree(aside)
+            for p, aside in list(g.moved_aside.items()):
+
+                def restore(p: str = p, aside: str = aside) -> None:
+                    if failed:
+                        sandbox.remove_tree(p)
+                        os.rename(aside, p)
+                    else:
+                        sandbox.remove_tree(aside)
+
+                step("restoring the outputs", restore)
             g.moved_aside.clear()
+        if g.user is not None:
+            uid = g.user.uid
+            step("killing the processes of the build user", lambda: sandbox.kill_user(uid))
         if g.chroot is not None:
-            sandbox.remove_tree(g.chroot)
+            chroot = g.chroot
             g.chroot = None
+            step("removing the chroot", lambda: sandbox.remove_tree(chroot))
         if g.top_dir is not None:
             if failed and self.settings.keep_failed:
                 self.msg(LVL_ERROR, f"note: keeping build directory `{g.top_dir}'")
-                if g.tmp_dir:
-                    with contextlib.suppress(OSError):
-                        os.chmod(g.tmp_dir, 0o755)
-                self._give_kept_tree(g)
+                step("handing over the build directory", lambda: self._give_kept_tree(g))
             else:
-                sandbox.remove_tree(g.top_dir)
+                top = g.top_dir
+                step("removing the build directory", lambda: sandbox.remove_tree(top))
             g.top_dir = g.tmp_dir = None
         if g.user is not None:
             g.user.release()
@@ -1118,19 +1201,39 @@ class Worker:
             self._release_locks(g, delete=not failed)
 
     def _give_kept_tree(self, g: Goal) -> None:
-        uid = self.store.client_uid
-        if uid is None or uid == 0 or g.top_dir is None:
+        """Upstream `deleteTmpDir` with keep-failed: the tree loses setuid/setgid bits and
+        group/world write permission, and belongs to the client (root when the client is root
+        or unknown) rather than to a build user that later builds run as."""
+        top, tmp = g.top_dir, g.tmp_dir
+        if top is None or tmp is None:
             return
-        for dirpath, dirnames, filenames in os.walk(g.top_dir):
-            for name in (dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)):
-                with contextlib.suppress(OSError):
-                    os.lchown(name, uid, -1)
-        top = g.top_dir
-        if g.tmp_dir != top and os.path.isdir(os.path.join(top, "top")):
+        owner: tuple[int, int] | None = None
+        client = self.store.client_uid
+        to_client = client is not None and client > 0
+        if os.geteuid() == 0:
+            uid = client if to_client and client is not None else 0
+            try:
+                gid = pwd.getpwuid(uid).pw_gid if uid else 0
+            except KeyError:
+                gid = 0
+            owner = (uid, gid)
+        with contextlib.suppress(OSError):
+            os.chmod(tmp, 0o755)
+        outputs.secure_tree(tmp, owner)
+        # As upstream, a tree handed to its (non-root) client replaces its root-owned parent.
+        if to_client and tmp != top and os.path.isdir(os.path.join(top, "top")):
             pivot = top + ".pivot"
             os.rename(top, pivot)
             os.rename(os.path.join(pivot, "top"), top)
-            shutil.rmtree(pivot, ignore_errors=True)
+            sandbox.remove_tree(pivot)
+
+
+def _stop_process(g: Goal) -> None:
+    proc = g.slirp
+    g.slirp = None
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+        proc.wait()
 
 
 def _failed(g: Goal) -> bool:
