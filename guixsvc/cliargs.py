@@ -262,12 +262,22 @@ def hint(message: str) -> None:
     sys.stderr.write(f"hint: {message}\n\n")
 
 
-def _silence_stdout() -> None:
+def silence_stdout() -> None:
     # The reader went away (`| head`): make the interpreter's final flush a no-op.
     with contextlib.suppress(OSError, ValueError):
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
+
+
+def print_and_exit(text: str) -> NoReturn:
+    """Write TEXT on stdout and exit 0, quietly when the reader is gone (`| head`)."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        silence_stdout()
+    sys.exit(0)
 
 
 def run_command(
@@ -302,7 +312,7 @@ def run_command(
         error(prog, str(e))
         return 1
     except BrokenPipeError:
-        _silence_stdout()
+        silence_stdout()
         return 0
     except KeyboardInterrupt:
         return 130
@@ -312,7 +322,7 @@ def run_command(
                 try:
                     sys.stdout.flush()
                 except BrokenPipeError:
-                    _silence_stdout()
+                    silence_stdout()
                 error(prog, message(e))
                 return 1
         raise

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from guixsvc import __version__
+from guixsvc.cliargs import print_and_exit
 from guixsvc.daemon.settings import Settings, SettingsError
 
 PROG = "guix-daemon"
@@ -185,14 +186,11 @@ def _lookup_long(name: str) -> _Opt:
 def _apply(ns: argparse.Namespace, opt: _Opt, value: str | None) -> None:
     """Store one option, running upstream's `parse_opt` checks as argp meets it."""
     if opt.dest == "help":
-        sys.stdout.write(HELP)
-        sys.exit(0)
+        print_and_exit(HELP)
     if opt.dest == "usage":
-        sys.stdout.write(USAGE)
-        sys.exit(0)
+        print_and_exit(USAGE)
     if opt.dest == "version":
-        sys.stdout.write(f"{PROG} (GNU Guix) {__version__}\n")
-        sys.exit(0)
+        print_and_exit(f"{PROG} (GNU Guix) {__version__}\n")
     if opt.arg is None:
         setattr(ns, opt.dest, True)
         return
