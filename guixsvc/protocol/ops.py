@@ -139,8 +139,8 @@ def read_store_path(reader: WireReader, store: StoreDir) -> StorePath:
 
 
 def read_store_paths(reader: WireReader, store: StoreDir) -> list[StorePath]:
-    count = reader.read_int()
-    return [read_store_path(reader, store) for _ in range(count)]
+    # read_list resumes where a partial list stopped (linear decoding, see WireReader).
+    return reader.read_list(lambda r: read_store_path(r, store))
 
 
 def _read_options(reader: WireReader, store: StoreDir, client_minor: int) -> tuple[Any, ...]:
@@ -188,16 +188,15 @@ def _read_gc(reader: WireReader, store: StoreDir, client_minor: int) -> tuple[An
 
 
 def _read_build_paths(reader: WireReader, store: StoreDir, client_minor: int) -> tuple[Any, ...]:
-    count = reader.read_int()
-    items = []
-    for _ in range(count):
-        text = reader.read_string()
-        path = text.split("!", 1)[0]
+    def item(r: WireReader) -> str:
+        text = r.read_string()
         try:
-            store.parse_lax(path)
+            store.parse_lax(text.split("!", 1)[0])
         except InvalidStorePath as exc:
             raise ProtocolError(str(exc)) from None
-        items.append(text)
+        return text
+
+    items = reader.read_list(item)  # resumable: linear decoding, see WireReader
     mode = BuildMode.NORMAL
     if client_minor >= 15:
         raw = reader.read_int()

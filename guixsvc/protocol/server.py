@@ -36,6 +36,7 @@ from guixsvc.protocol.store_api import (
     WriteSink,
 )
 from guixsvc.protocol.wire import (
+    MAX_REQUEST,
     Incomplete,
     ProtocolError,
     WireReader,
@@ -101,7 +102,11 @@ class ServerConnection:
     def next_event(self) -> Handshake | Request | NeedData:
         """The next complete event, or NEED_DATA.  Raises ProtocolError on malformed input."""
         reader = self.reader
-        if not reader.available():  # the usual case between requests: no exception needed
+        if not reader.available() or not reader.ready():
+            # Between requests (nothing buffered), or the last attempt stopped at a field that
+            # still lacks bytes: decoding again could not get further (linear decoding).
+            if reader.pending() > MAX_REQUEST:
+                raise ProtocolError(f"request is too large (more than {MAX_REQUEST} bytes)")
             if self.eof:
                 raise EOFError
             return NEED_DATA
@@ -132,6 +137,10 @@ class ServerConnection:
             args = REQUEST_READERS[op](reader, self.store_dir, minor(self.client_version))
         except Incomplete:
             reader.rewind()
+            if reader.pending() > MAX_REQUEST:
+                raise ProtocolError(
+                    f"request is too large (more than {MAX_REQUEST} bytes)"
+                ) from None
             if self.eof:
                 raise EOFError from None
             return NEED_DATA
