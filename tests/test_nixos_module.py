@@ -31,6 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 EVAL_MODULE = ROOT / "tests" / "nixos" / "eval-module.nix"
 NIX_INSTANTIATE = shutil.which("nix-instantiate")
 NIXPKGS_LIB = os.environ.get("NIXPKGS_LIB")
+# A local copy of nixpkgs' nixos/modules/services/misc/guix/default.nix (never committed here):
+# then the model `nixpkgs_makes` is checked against the real module too.
+NIXPKGS_GUIX_MODULE = os.environ.get("NIXPKGS_GUIX_MODULE")
 
 needs_nix = pytest.mark.skipif(
     NIX_INSTANTIATE is None, reason="nix-instantiate not installed (Debian package nix-bin)"
@@ -158,6 +161,7 @@ def _eval_command(
     with_kvm: bool = True,
     modules: str = "nixos",
     extra_module: Path | None = None,
+    nixpkgs_module_file: str | None = None,
 ) -> list[str]:
     assert NIX_INSTANTIATE is not None
     command = [
@@ -184,6 +188,8 @@ def _eval_command(
     ]
     if extra_module is not None:
         command += ["--argstr", "extraModule", str(extra_module)]
+    if nixpkgs_module_file is not None:
+        command += ["--argstr", "nixpkgsModuleFile", nixpkgs_module_file]
     return command
 
 
@@ -195,6 +201,7 @@ def evaluate(
     modules: str = "nixos",
     extra_module: Path | None = None,
     other: dict[str, Any] | None = None,
+    nixpkgs_module_file: str | None = None,
 ) -> dict[str, Any]:
     """Evaluates `services.guix = guix` (plus `other` top-level settings); by default with our
     module beside nixpkgs' own, as on any current NixOS."""
@@ -206,6 +213,7 @@ def evaluate(
         with_kvm=with_kvm,
         modules=modules,
         extra_module=extra_module,
+        nixpkgs_module_file=nixpkgs_module_file,
     )
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -502,6 +510,89 @@ def test_configuration_for_nixpkgs_module_means_the_same(tmp_path: Path, package
     assert len(loaded) == 2 and all(loaded.authorizes(k) for k in public_keys)
 
 
+def script_words(script: str) -> list[str]:
+    """The command a NixOS `script` execs, as the shell splits it."""
+    words = shlex.split(script.replace("\\\n", " "))
+    assert words[0] == "exec", script
+    return words[1:]
+
+
+@needs_nix
+@needs_lib
+@pytest.mark.skipif(
+    not NIXPKGS_GUIX_MODULE,
+    reason="NIXPKGS_GUIX_MODULE does not name a copy of nixpkgs' "
+    "nixos/modules/services/misc/guix/default.nix",
+)
+def test_model_agrees_with_real_nixpkgs_module(tmp_path: Path) -> None:
+    """`nixpkgs_makes` against nixpkgs' module itself, on the configurations the tests use."""
+    choose_guix = write_module(
+        tmp_path, "{ pkgs, ... }: { services.guix.package = pkgs.guix-custom; }\n"
+    )
+    configurations = [
+        ({"enable": True}, None, "/guix"),
+        (
+            {
+                "enable": True,
+                "nrBuildUsers": 0,
+                "substituters": {"urls": []},
+                "publish": {"enable": True},
+            },
+            None,
+            "/guix",
+        ),
+        (
+            {
+                **NIXPKGS_CONFIG,
+                "substituters": {**NIXPKGS_CONFIG["substituters"], "authorizedKeys": ["/k/a.pub"]},
+            },
+            choose_guix,
+            "/guix-custom",
+        ),
+    ]
+    other = {"networking": {"proxy": {"envVars": PROXY}}}
+    for guix, extra_module, package in configurations:
+        real = evaluate(
+            guix,
+            modules="nixpkgs",
+            extra_module=extra_module,
+            other=other,
+            nixpkgs_module_file=NIXPKGS_GUIX_MODULE,
+        )
+        expected = nixpkgs_makes(guix, PROXY)
+        # It names its users explicitly, as NixOS would by default.
+        users = real["users"]
+        assert all(user.pop("name", name) == name for name, user in users.items())
+        assert users == expected["users"]
+        assert set(real["groups"]) - {"kvm"} == expected["groups"]
+        assert real["systemPackages"] == [
+            {"path": package, "priority": None, "overrides": expected["packageOverrides"]}
+        ]
+        daemon = real["services"]["guix-daemon"]
+        words = script_words(daemon["script"])
+        assert words == [f"{package}/bin/guix-daemon", *expected["daemon"]]
+        assert daemon["environment"] == expected["daemonEnvironment"]
+        assert real["avahi"] == expected["avahi"]
+        keys = guix.get("substituters", {}).get("authorizedKeys") or [
+            f"{package}/share/guix/{host}.guix.gnu.org.pub" for host in ("ci", "bordeaux", "berlin")
+        ]
+        assert all(key in real["etc"]["guix/acl"]["script"] for key in keys)
+        assert "install -Dm0600" in real["etc"]["guix/acl"]["script"]
+        if guix.get("publish", {}).get("enable"):
+            publish = real["services"]["guix-publish"]
+            assert script_words(publish["script"]) == [
+                f"{package}/bin/guix",
+                "publish",
+                *expected["publish"],
+            ]
+            assert publish["environment"] == expected["publishEnvironment"]
+        if guix.get("gc", {}).get("enable"):
+            gc = real["services"]["guix-gc"]
+            assert script_words(gc["script"]) == [f"{package}/bin/guix", "gc", *expected["gc"]]
+            assert gc["startAt"] == expected["gcDates"]
+            assert real["timers"]["guix-gc"]["timerConfig"]["Persistent"] is True
+
+
 def run_acl_script(script: str, work: Path) -> Path:
     work.mkdir()
     out = work / "out"
@@ -557,7 +648,7 @@ def test_packages_and_assertions(tmp_path: Path) -> None:
 def test_disabled_module_defines_nothing() -> None:
     result = evaluate({"publish": {"enable": True}, "gc": {"enable": True}})
     assert result["users"] == {}
-    assert result["groups"] == {"kvm": {}}
+    assert result["groups"] == ["kvm"]
     assert result["services"] == result["sockets"] == result["timers"] == {}
     assert result["mounts"] == [] and result["etc"] == {} and result["activation"] == {}
     assert result["profiles"] == ["/run/current-system/sw"]

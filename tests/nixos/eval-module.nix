@@ -15,6 +15,9 @@
   #   "nixpkgs" nixpkgs' alone (does a configuration evaluate there?),
   #   "clash"   both, nixpkgs' imported under a name `disabledModules` does not cover (must fail).
   modules ? "nixos",
+  # The file of nixpkgs' real module (never part of this repository: a local copy), to use
+  # instead of the stand-in in "nixpkgs" mode, checking the tests' model of what it makes.
+  nixpkgsModuleFile ? null,
   # A directory standing in for the guixsvc package's output (the tests put a `bin/guixsvc`
   # there).
   packageDir ? "/pkg",
@@ -76,6 +79,7 @@ let
       inherit name env script;
       outPath = "/nix/store/00000000000000000000000000000000-${name}";
     };
+    runCommandLocal = fakePkgs.runCommand;
   };
 
   modulesPath = ./modules;
@@ -93,7 +97,22 @@ let
         default = [ ];
       };
       users.users = free;
-      users.groups = free;
+      # NixOS's groups know their name.
+      users.groups = mkOption {
+        type = types.attrsOf (
+          types.submodule (
+            { name, ... }:
+            {
+              freeformType = types.attrsOf types.anything;
+              options.name = mkOption {
+                type = types.str;
+                default = name;
+              };
+            }
+          )
+        );
+        default = { };
+      };
       systemd.packages = freeList;
       systemd.services = free;
       systemd.sockets = free;
@@ -134,7 +153,9 @@ let
         ../../module.nix
       ];
       ours = [ ../../module.nix ];
-      nixpkgs = [ nixpkgsModule ];
+      nixpkgs = [
+        (if nixpkgsModuleFile == null then nixpkgsModule else /. + nixpkgsModuleFile)
+      ];
       clash = [
         (nixpkgsModule + "/default.nix")
         ../../module.nix
@@ -180,7 +201,7 @@ in
   packages = map packageInfo config.systemd.packages;
   systemPackages = map packageInfo config.environment.systemPackages;
   users = config.users.users;
-  groups = config.users.groups;
+  groups = lib.attrNames config.users.groups;
   services = config.systemd.services;
   sockets = config.systemd.sockets;
   timers = config.systemd.timers;
