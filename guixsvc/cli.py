@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "download": ("guixsvc.download", "download a file to the store and print its hash"),
     "units": ("guixsvc.units", "render the systemd units"),
     "discover": ("guixsvc.daemon.discover", "discover publish servers with Avahi (guix discover)"),
+    "processes": ("guixsvc.processes", "list the daemon's sessions (as guix processes)"),
 }
 
 HELP = (

@@ -24,6 +24,7 @@ import socket
 import struct
 import sys
 
+from guixsvc import processes
 from guixsvc.daemon import discover, listen
 from guixsvc.daemon.localstore import initialise_store
 from guixsvc.daemon.session import Session
@@ -70,6 +71,11 @@ def run_daemon(
     """Serve until told to stop; `sockets` are already listening (`guix-daemon` opens them
     before importing this module), else they are opened from `listen_specs` here."""
     listen.setup_logging(settings.debug)
+    # Named as upstream's processes are, for `guix processes` (sessions: see _Worker._serve).
+    args = sys.argv[1:]
+    if os.path.basename(sys.argv[0]) == "guixsvc" and args[:1] == ["daemon"]:
+        args = args[1:]
+    processes.set_daemon_title(args)
     os.umask(0o022)
     config = StoreConfig.from_env()
     settings.validate()
@@ -310,9 +316,13 @@ class _Worker:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
         affinity = os.sched_getaffinity(0)
         assert self.db is not None
-        Session(
-            conn, self.config, self.settings.copy(), peer_credentials(conn), remote=remote,
-            db=self.db,
-        ).run()  # fmt: skip
+        creds = peer_credentials(conn)
+        if creds is not None and creds[0] > 0:  # `guix-daemon CLIENT-PID …` while serving
+            processes.set_session_title(creds[0])
+        try:
+            Session(conn, self.config, self.settings.copy(), creds, remote=remote, db=self.db).run()
+        finally:
+            if creds is not None and creds[0] > 0:
+                processes.set_daemon_title()
         if os.sched_getaffinity(0) != affinity:
             os.sched_setaffinity(0, affinity)

@@ -316,3 +316,80 @@ def test_stopped_while_starting_workers_prints_no_traceback(tmp_path: Path) -> N
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=20)
         assert b"Traceback" not in out, out.decode(errors="replace")
+
+
+# --- guix processes ----------------------------------------------------------------------------
+
+
+def test_sessions_are_named_as_upstream_names_them(d: Daemon) -> None:
+    """guix/scripts/processes.scm: a session is a process whose command line is
+    `guix-daemon CLIENT-PID …` (nix-daemon.cc writes the client pid over argv[1]); the main
+    process and idle workers are `guix-daemon …` with no pid.  `guixsvc processes` prints
+    upstream's recutils records for a real client holding a session (and a lock)."""
+    from guixsvc.processes import daemon_sessions
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", (
+            "import sys, time\n"
+            "from guixsvc.protocol.client import DaemonClient\n"
+            "c = DaemonClient(sys.argv[1])\n"
+            "c.is_valid_path(sys.argv[2])\n"
+            "print('ready', flush=True)\n"
+            "time.sleep(60)\n"
+        ), d.socket, f"{d.store_dir}/{HASH}-x"],
+        env=d.env, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == b"ready\n"
+        sessions = [s for s in daemon_sessions(d.store_dir) if s.client.pid == holder.pid]
+        assert len(sessions) == 1
+        session = sessions[0].process
+        assert session.command[:2] == ["guix-daemon", str(holder.pid)]
+        assert Path(f"/proc/{session.pid}/comm").read_text() == "guix-daemon\n"
+        assert session.parent == d.process.pid
+        main_cmd = Path(f"/proc/{d.process.pid}/cmdline").read_bytes().split(b"\0")
+        assert main_cmd[0] == b"guix-daemon" and not main_cmd[1].isdigit()
+        # Idle workers do not look like sessions.
+        ours = [s for s in daemon_sessions(d.store_dir) if s.process.parent == d.process.pid]
+        assert [s.process.pid for s in ours] == [session.pid]
+
+        out = subprocess.run(
+            [sys.executable, "-m", "guixsvc.cli", "processes"],
+            env=d.env, capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        record = next(r for r in out.split("\n\n") if f"ClientPID: {holder.pid}\n" in r + "\n")
+        lines = record.splitlines()
+        assert lines[0] == f"SessionPID: {session.pid}"
+        assert lines[1] == f"ClientPID: {holder.pid}"
+        assert lines[2].startswith(f"ClientCommand: {sys.executable} -c ")
+        norm = subprocess.run(
+            [sys.executable, "-m", "guixsvc.cli", "processes", "--format=normalized"],
+            env=d.env, capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        assert norm.startswith("%rec: Session\n")
+        assert f"PID: {session.pid}\nClientPID: {holder.pid}\n" in norm
+    finally:
+        holder.kill()
+        holder.wait()
+    # The session ended: the worker is idle again and no longer a session.
+    import time
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        cmd = Path(f"/proc/{session.pid}/cmdline").read_bytes().split(b"\0")
+        if not cmd[1].isdigit():
+            break
+        time.sleep(0.05)
+    assert cmd[0] == b"guix-daemon" and not cmd[1].isdigit()
+
+
+def test_processes_command_line() -> None:
+    run = [sys.executable, "-m", "guixsvc.cli", "processes"]
+    bad = subprocess.run([*run, "--format=xml"], capture_output=True, text=True)
+    assert bad.returncode == 1
+    assert bad.stderr == "guix processes: error: xml: unsupported output format\n"
+    formats = subprocess.run([*run, "--list-formats"], capture_output=True, text=True)
+    assert formats.stdout == "The available formats are:\n\n  - recutils\n  - normalized\n"
+    helped = subprocess.run([*run, "--help"], capture_output=True, text=True)
+    assert helped.stdout.startswith("Usage: guix processes\n")
