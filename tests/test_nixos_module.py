@@ -162,6 +162,7 @@ def _eval_command(
     modules: str = "nixos",
     extra_module: Path | None = None,
     nixpkgs_module_file: str | None = None,
+    modules_dir: Path | None = None,
 ) -> list[str]:
     assert NIX_INSTANTIATE is not None
     command = [
@@ -190,6 +191,8 @@ def _eval_command(
         command += ["--argstr", "extraModule", str(extra_module)]
     if nixpkgs_module_file is not None:
         command += ["--argstr", "nixpkgsModuleFile", nixpkgs_module_file]
+    if modules_dir is not None:
+        command += ["--argstr", "modulesDir", str(modules_dir)]
     return command
 
 
@@ -202,6 +205,7 @@ def evaluate(
     extra_module: Path | None = None,
     other: dict[str, Any] | None = None,
     nixpkgs_module_file: str | None = None,
+    modules_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Evaluates `services.guix = guix` (plus `other` top-level settings); by default with our
     module beside nixpkgs' own, as on any current NixOS."""
@@ -214,6 +218,7 @@ def evaluate(
         modules=modules,
         extra_module=extra_module,
         nixpkgs_module_file=nixpkgs_module_file,
+        modules_dir=modules_dir,
     )
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -591,6 +596,13 @@ def test_model_agrees_with_real_nixpkgs_module(tmp_path: Path) -> None:
             assert script_words(gc["script"]) == [f"{package}/bin/guix", "gc", *expected["gc"]]
             assert gc["startAt"] == expected["gcDates"]
             assert real["timers"]["guix-gc"]["timerConfig"]["Persistent"] is True
+
+    # Ours beside the real module, where NixOS has it: it is disabled, ours is what counts.
+    modules_dir = tmp_path / "modules"
+    (modules_dir / "services" / "misc" / "guix").mkdir(parents=True)
+    shutil.copy(NIXPKGS_GUIX_MODULE, modules_dir / "services" / "misc" / "guix" / "default.nix")
+    guix = {"enable": True, "publish": {"enable": True}, "gc": {"enable": True}}
+    assert evaluate(guix, modules_dir=modules_dir) == evaluate(guix, modules="ours")
 
 
 def run_acl_script(script: str, work: Path) -> Path:

@@ -18,6 +18,8 @@
   # The file of nixpkgs' real module (never part of this repository: a local copy), to use
   # instead of the stand-in in "nixpkgs" mode, checking the tests' model of what it makes.
   nixpkgsModuleFile ? null,
+  # Another `modulesPath` (a directory with services/misc/guix/default.nix), for the real module.
+  modulesDir ? null,
   # A directory standing in for the guixsvc package's output (the tests put a `bin/guixsvc`
   # there).
   packageDir ? "/pkg",
@@ -82,7 +84,7 @@ let
     runCommandLocal = fakePkgs.runCommand;
   };
 
-  modulesPath = ./modules;
+  modulesPath = if modulesDir == null then ./modules else /. + modulesDir;
   nixpkgsModule = modulesPath + "/services/misc/guix";
 
   nixosStandIn = {
