@@ -171,7 +171,7 @@ def _open_own_lock_file(path: str, log: MessageLog | None) -> int:
         try:
             fd = open_lock_file(path, True)
         except SysError as e:
-            if not isinstance(e, UnsafeLockFile) and e.errno != errno.ELOOP:
+            if not isinstance(e, UnsafeLockFile) and e.errno not in (errno.ELOOP, errno.EISDIR):
                 raise
             _remove_planted(path, None, log)
             continue
@@ -197,7 +197,9 @@ def _remove_planted(path: str, st: os.stat_result | None, log: MessageLog | None
     emit(log, LVL_ERROR, f"removing unexpected lock file `{path}'")
     try:
         if stat.S_ISDIR(cur.st_mode):
-            os.rmdir(path)
+            from guixsvc.store.safefs import remove_tree  # safefs imports this module
+
+            remove_tree(path)
         else:
             os.unlink(path)
     except FileNotFoundError:
