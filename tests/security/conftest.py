@@ -50,11 +50,11 @@ def as_user(uid: int, gid: int, fn: Callable[[], Any], *, timeout: float = 60) -
             os.setresgid(gid, gid, gid)
             os.setresuid(uid, uid, uid)
             result: tuple[str, Any] = ("ok", fn())
-        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        except BaseException as exc:
             result = ("error", f"{type(exc).__name__}: {exc}")
         try:
             data = pickle.dumps(result)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             data = pickle.dumps(("error", f"unpicklable result: {exc}"))
         with os.fdopen(w, "wb") as f:
             f.write(data)
