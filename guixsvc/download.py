@@ -150,10 +150,15 @@ def _url_fetch(url: str, dest: str, verify: bool) -> None:
             shutil.copyfileobj(response, out, 1 << 20)
             size = out.tell()
     except urllib.error.HTTPError as e:
-        raise UsageError(f'{url}: download failed: {e.code} "{e.reason}"') from None
+        # http-fetch and url-fetch (guix/build/download.scm), then guix download's `leave`.
+        sys.stderr.write(f'{url}: HTTP download failed: {e.code} ("{e.reason}")\n')
+        sys.stderr.write(f'failed to download "{dest}" from "{url}"\n')
+        raise UsageError(f"{url}: download failed") from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
-        raise UsageError(f"{url}: download failed: {reason}") from None
+        sys.stderr.write(f"{url}: {reason}\n")
+        sys.stderr.write(f'failed to download "{dest}" from "{url}"\n')
+        raise UsageError(f"{url}: download failed") from None
     name = os.path.basename(urlsplit(url).path) or url
     sys.stderr.write(f"downloading from {url} :: {name}  {size} B\n")
     sys.stderr.flush()
