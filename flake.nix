@@ -29,12 +29,27 @@
       nixosModules.default = ./module.nix;
       nixosModules.guixsvc = ./module.nix;
 
-      # The NixOS VM tests (`nix flake check`), plus the package itself.
+      # The NixOS VM tests (`nix flake check`), the package itself, and a whole NixOS system
+      # with the module beside nixpkgs' own services.guix (a container: no boot loader).
       checks = forAllSystems (
         pkgs:
         import ./nixos-tests { inherit pkgs; }
         // {
           package = self.packages.${pkgs.stdenv.hostPlatform.system}.default;
+          nixos-system =
+            (lib.nixosSystem {
+              inherit (pkgs.stdenv.hostPlatform) system;
+              modules = [
+                self.nixosModules.default
+                {
+                  boot.isContainer = true;
+                  services.guix.enable = true;
+                  services.guix.publish.enable = true;
+                  services.guix.gc.enable = true;
+                  system.stateVersion = "25.05";
+                }
+              ];
+            }).config.system.build.toplevel;
         }
       );
 
