@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 SUITE = "bookworm"
@@ -99,8 +100,13 @@ def _prepare(root: Path) -> None:
     (root / "etc/systemd/journald.conf.d/e2e.conf").write_text("[Journal]\nStorage=volatile\n")
 
 
-def ensure_image(log: list[str] | None = None) -> Path:
-    """Path of a completed Debian root, running debootstrap when the cache has none."""
+def ensure_image(
+    log: list[str] | None = None, announce: Callable[[str], None] | None = None
+) -> Path:
+    """Path of a completed Debian root, running debootstrap when the cache has none.
+
+    `announce` is told, in one line each, when a debootstrap starts and ends (it is slow and
+    would otherwise be a silent minute inside a quiet test run)."""
     if os.geteuid() != 0:
         raise ImageUnavailable("the end-to-end test needs root (debootstrap, systemd-nspawn)")
     for tool, package in (("debootstrap", "debootstrap"), ("systemd-nspawn", "systemd-container")):
@@ -116,6 +122,11 @@ def ensure_image(log: list[str] | None = None) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     started = time.monotonic()
+    if announce is not None:
+        announce(
+            f"e2e: making the Debian {SUITE} root with debootstrap from {mirror} into {base} "
+            f"(once; about a minute; log: {base / 'debootstrap.log'})"
+        )
     cmd = [
         "debootstrap",
         "--variant=minbase",
@@ -134,6 +145,8 @@ def ensure_image(log: list[str] | None = None) -> Path:
         shutil.rmtree(root)
     tmp.rename(root)
     (base / "complete").write_text(f"{time.monotonic() - started:.1f}\n")
+    if announce is not None:
+        announce(f"e2e: Debian root ready in {time.monotonic() - started:.0f} s, cached in {root}")
     if log is not None:
         log.append(f"debootstrap took {time.monotonic() - started:.1f}s")
     return root

@@ -36,10 +36,17 @@ def _timed(name: str, started: float) -> None:
 
 
 @pytest.fixture(scope="session")
-def e2e_root() -> Path:
+def e2e_root(pytestconfig: pytest.Config) -> Path:
+    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+
+    def announce(line: str) -> None:
+        # Shown even under `pytest -q` with output captured: debootstrap is a silent minute.
+        with capture.global_and_fixture_disabled():
+            print(f"\n{line}", flush=True)
+
     started = time.monotonic()
     try:
-        root = image.ensure_image()
+        root = image.ensure_image(announce=announce)
     except image.ImageUnavailable as exc:
         pytest.skip(f"end-to-end test unavailable: {exc}")
     _timed("image (debootstrap or cache)", started)
