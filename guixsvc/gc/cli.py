@@ -24,6 +24,7 @@ from guixsvc.cliargs import (
     Exit,
     Option,
     UsageError,
+    connect_daemon,
     help_option,
     parse_command_line,
     run_command,
@@ -32,7 +33,7 @@ from guixsvc.cliargs import (
 from guixsvc.gc import profiles
 from guixsvc.gc.busy import busy_store_items
 from guixsvc.gc.units import number_to_size, parse_duration, size_to_number
-from guixsvc.protocol.client import DaemonClient, DaemonError, default_socket
+from guixsvc.protocol.client import DaemonClient, DaemonError
 from guixsvc.protocol.ops import GCAction
 from guixsvc.protocol.wire import ProtocolError
 from guixsvc.store.config import StoreConfig
@@ -217,20 +218,13 @@ class _Session:
     """The daemon connection, opened when an action first needs it (like newer upstream)."""
 
     def __init__(self) -> None:
-        self.uri = default_socket()
         self.log = _DaemonLog(sys.stderr)
         self._client: DaemonClient | None = None
 
     @property
     def client(self) -> DaemonClient:
         if self._client is None:
-            try:
-                self._client = DaemonClient(self.uri, log=self.log)
-            except OSError as e:
-                name = self.uri
-                raise UsageError(
-                    f"failed to connect to `{name}': {os.strerror(e.errno or 0)}"
-                ) from None
+            self._client = connect_daemon(log=self.log)
         return self._client
 
     def close(self) -> None:
