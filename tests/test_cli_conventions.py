@@ -325,3 +325,17 @@ def test_archive_export_of_a_non_store_name(tmp_path: Path) -> None:
         assert (r.returncode, r.stderr) == (1, "guix archive: error: hello: unknown package\n")
     finally:
         stop_daemon(d)
+
+
+def test_gc_never_reports_a_negative_saving(tmp_path: Path) -> None:
+    # An empty .links directory: upstream's removeUnusedLinks subtracts the directory's own size
+    # and would print "saves -0.00 MiB"; a saving is never negative.
+    d = start_daemon(tmp_path)
+    try:
+        r = guixsvc(dict(d.env, GUIX_DAEMON_SOCKET=d.socket), "gc")
+    finally:
+        stop_daemon(d)
+    assert r.returncode == 0, r.stderr
+    assert "note: currently hard linking saves 0.00 MiB\n" in r.stderr
+    assert "-0.00" not in r.stderr
+    assert r.stderr.endswith("guix gc: freed 0 bytes\n")
