@@ -65,6 +65,43 @@ class HashMismatch(FetchError):
         self.status = status
 
 
+class TimedOut(FetchError):
+    """`--max-silent-time` or `--timeout` ran out while fetching (upstream kills `guix
+    substitute` then: the substitution fails without trying other URLs)."""
+
+
+class _Clock:
+    """Upstream applies `--timeout` and `--max-silent-time` to `guix substitute` as to a
+    builder: from the start of the substitution, and since the last data received."""
+
+    def __init__(self, name: str, silence: int, total: int) -> None:
+        self.name = name
+        self.silence = silence
+        self.total = total
+        self.start = time.monotonic()
+
+    def limit(self, default: float) -> float:
+        """The socket timeout for the next read."""
+        limits = [default]
+        if self.silence:
+            limits.append(self.silence)
+        if self.total:
+            limits.append(self.start + self.total - time.monotonic())
+        return max(min(limits), 0.001)
+
+    def expired(self) -> TimedOut:
+        """The error for a read that timed out after :meth:`limit`."""
+        if self.total and time.monotonic() >= self.start + self.total - 0.001:
+            return TimedOut(f"{self.name} timed out after {self.total} seconds")
+        if self.silence:
+            return TimedOut(f"{self.name} timed out after {self.silence} seconds of silence")
+        return TimedOut(f"{self.name}: timed out")
+
+    def check(self) -> None:
+        if self.total and time.monotonic() >= self.start + self.total:
+            raise TimedOut(f"{self.name} timed out after {self.total} seconds")
+
+
 #: The largest NarSize the database can hold (SQLite integers are signed 64-bit).
 _MAX_DB_SIZE = (1 << 63) - 1
 
@@ -433,12 +470,18 @@ class Substituter:
         display = self.sd.display(path)
         self.message(LVL_INFO, f"fetching path `{display}'...")
         self.trace(f"@ substituter-started {display} substitute")
+        settings = store.settings
+        clock = _Clock(
+            f"substitution of `{display}'",
+            _setting(settings, "build-max-silent-time"),
+            _setting(settings, "build-timeout"),
+        )
         errors: list[str] = []
         for entry in best_entries(hit.narinfo):
             staged = store._staging_path()
             try:
                 self.trace(f"@ download-started {display} {entry.url} {entry.file_size or '-'}")
-                digest, size = self._download(entry.url, entry.compression, staged)
+                digest, size = self._download(entry.url, entry.compression, staged, clock)
                 self.trace(f"@ download-succeeded {display} {entry.url} {size}")
                 self._check(hit.narinfo, display, digest, size)
             except FetchError as exc:
@@ -450,6 +493,9 @@ class Substituter:
                     # substitute` and traces it, then the failure with that status line.
                     self.trace(f"@ hash-mismatch {display} {exc.status}")
                     self.trace(f"@ substituter-failed {display} hash-mismatch {exc.status} {exc}")
+                    break
+                if isinstance(exc, TimedOut):
+                    self.trace(f"@ substituter-failed {display} timeout")
                     break
                 self.trace(f"@ substituter-failed {display} 1 {exc}")
                 continue
@@ -496,7 +542,9 @@ class Substituter:
                 f"sha256 {base32.encode(expected)} {base32.encode(digest)}",
             )
 
-    def _open(self, url: str) -> tuple[Iterator[bytes], Callable[[], None], bool]:
+    def _open(
+        self, url: str, clock: _Clock | None = None
+    ) -> tuple[Iterator[bytes], Callable[[], None], bool]:
         """A stream of body chunks of ``url`` (redirects followed), its closer, and whether the
         body has an end of its own (a file, a Content-Length, chunking).  Upstream's `guix
         publish -C 0` streams NARs made on the fly with none of these on a kept-alive
@@ -515,8 +563,16 @@ class Substituter:
             target = parts.path + (f"?{parts.query}" if parts.query else "")
             conn = self.conns.get(parts.scheme, host, port)
             try:
+                if clock is not None:
+                    clock.check()
+                    _set_timeout(conn, clock.limit(_CONNECT_TIMEOUT))
                 conn.request("GET", target or "/", headers={"User-Agent": USER_AGENT})
                 resp = conn.getresponse()
+            except TimeoutError:
+                self.conns.drop(parts.scheme, host, port)
+                if clock is not None and (clock.silence or clock.total):
+                    raise clock.expired() from None
+                raise FetchError(f"download from '{url}' failed: timed out") from None
             except (OSError, http.client.HTTPException) as exc:
                 self.conns.drop(parts.scheme, host, port)
                 raise FetchError(f"download from '{url}' failed: {exc}") from None
@@ -528,9 +584,19 @@ class Substituter:
                 resp.read()
                 raise FetchError(f"download from '{url}' failed: {resp.status}, \"{resp.reason}\"")
 
-            def chunks(r: http.client.HTTPResponse = resp) -> Iterator[bytes]:
+            def chunks(
+                r: http.client.HTTPResponse = resp, c: http.client.HTTPConnection = conn
+            ) -> Iterator[bytes]:
                 while True:
-                    data = r.read1(_READ) if hasattr(r, "read1") else r.read(_READ)
+                    if clock is not None:
+                        clock.check()
+                        _set_timeout(c, clock.limit(_READ_TIMEOUT))
+                    try:
+                        data = r.read1(_READ)
+                    except TimeoutError:
+                        if clock is not None and (clock.silence or clock.total):
+                            raise clock.expired() from None
+                        raise
                     if not data:
                         return
                     yield data
@@ -545,7 +611,9 @@ class Substituter:
             return chunks(), done, resp.length is not None or bool(resp.chunked)
         raise FetchError(f"download from '{url}' failed: too many redirects")
 
-    def _download(self, url: str, compression: str, staged: str) -> tuple[bytes, int]:
+    def _download(
+        self, url: str, compression: str, staged: str, clock: _Clock | None = None
+    ) -> tuple[bytes, int]:
         """Download, decompress and unpack into ``staged``; the nar's SHA-256 and size."""
         try:
             decomp = decompressor(compression)
@@ -553,7 +621,7 @@ class Substituter:
             raise FetchError(str(exc)) from None
         hasher = hashlib.sha256()
         size = 0
-        body, close, framed = self._open(url)
+        body, close, framed = self._open(url, clock)
         try:
             with nar.RestoreSink(staged) as sink:
                 parser = nar.NarParser(sink)
@@ -590,6 +658,24 @@ class Substituter:
         finally:
             close()
         return hasher.digest(), size
+
+
+#: Without --timeout/--max-silent-time: how long to wait for a server to answer / send more.
+_CONNECT_TIMEOUT = 30.0
+_READ_TIMEOUT = 30.0
+
+
+def _set_timeout(conn: http.client.HTTPConnection, seconds: float) -> None:
+    conn.timeout = seconds
+    if conn.sock is not None:
+        conn.sock.settimeout(seconds)
+
+
+def _setting(settings: object, name: str) -> int:
+    try:
+        return max(int(settings.get(name) or 0), 0)  # type: ignore[attr-defined]
+    except ValueError:
+        return 0
 
 
 class _ServerDown(Exception):

@@ -26,13 +26,14 @@ from tests.conftest import Daemon, stop_daemon, store_env, wait_for_socket
 HASH = "0" * 31 + "1"
 
 
-def start(root: Path) -> Daemon:
+def start(root: Path, *flags: str) -> Daemon:
     env = store_env(root)
     env["GUIX_ALLOW_UNAUTHENTICATED_SUBSTITUTES"] = "yes"
     sock = str(root / "daemon.sock")
     log = open(root / "daemon.log", "wb")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen(
-        [sys.executable, "-m", "guixsvc.daemon.cli", f"--listen={sock}", "--disable-chroot"],
+        [sys.executable, "-m", "guixsvc.daemon.cli", f"--listen={sock}", "--disable-chroot",
+         *flags],
         env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     wait_for_socket(sock, proc, root / "daemon.log")
@@ -170,10 +171,13 @@ def test_built_in_builders(d: Daemon) -> None:
 
 class _UnframedServer:
     """Serves one NAR like upstream's `guix publish -C 0`: no Content-Length, no chunking, and
-    the connection kept open afterwards."""
+    the connection kept open afterwards.  With `trickle`, the body comes a byte every
+    `trickle` seconds; with `stall`, only its first `stall` bytes ever come."""
 
-    def __init__(self, body: bytes) -> None:
+    def __init__(self, body: bytes, *, trickle: float = 0, stall: int | None = None) -> None:
         self.body = body
+        self.trickle = trickle
+        self.stall = stall
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.conns: list[socket.socket] = []
@@ -188,8 +192,15 @@ class _UnframedServer:
                 conn.recv(65536)
                 conn.sendall(
                     b"HTTP/1.1 200 OK\r\nContent-Type: application/x-nix-archive\r\n"
-                    b"Connection: keep-alive\r\n\r\n" + self.body
+                    b"Connection: keep-alive\r\n\r\n"
                 )
+                body = self.body if self.stall is None else self.body[: self.stall]
+                if not self.trickle:
+                    conn.sendall(body)
+                    continue
+                for i in range(len(body)):
+                    conn.sendall(body[i : i + 1])
+                    threading.Event().wait(self.trickle)
 
     def close(self) -> None:
         self.sock.close()
@@ -211,6 +222,41 @@ def test_uncompressed_nar_without_length_ends_with_the_nar(d: Daemon) -> None:
             assert Path(item).read_bytes() == CONTENTS
     finally:
         server.close()
+
+
+@pytest.mark.parametrize(
+    ("flag", "server", "message"),
+    [
+        ("--max-silent-time=1", {"stall": 40}, "timed out after 1 seconds of silence"),
+        ("--timeout=2", {"trickle": 0.2}, "timed out after 2 seconds"),
+    ],
+)
+def test_download_timeouts(tmp_path: Path, flag: str, server: dict, message: str) -> None:
+    """build.cc applies --max-silent-time and --timeout to `guix substitute` as to a builder:
+    `substitution of `P' timed out after N seconds [of silence]`, `@ substituter-failed P
+    timeout`, and the item is not substituted."""
+    import time
+
+    d = start(tmp_path, flag)
+    srv = _UnframedServer(NAR, **server)
+    try:
+        item = f"{d.store_dir}/{HASH}-slow"
+        url = f"http://127.0.0.1:{srv.port}/nar/{HASH}-slow"
+        write_narinfo(d, item, url=url, nar_hash=nar_hash32())
+        log: list[str] = []
+        with client(d, log) as c:
+            c.sock.settimeout(25)
+            started = time.monotonic()
+            with pytest.raises(DaemonError):
+                c.build_paths([item])
+            assert time.monotonic() - started < 20
+            assert not c.is_valid_path(item)
+        text = "".join(log)
+        assert f"substitution of `{item}' {message}" in text
+        assert f"@ substituter-failed {item} timeout\n" in text
+    finally:
+        srv.close()
+        stop_daemon(d)
 
 
 # --- store file names --------------------------------------------------------------------------
