@@ -148,7 +148,6 @@ def _url_fetch(url: str, dest: str, verify: bool) -> None:
             open(dest, "wb") as out,
         ):
             shutil.copyfileobj(response, out, 1 << 20)
-            size = out.tell()
     except urllib.error.HTTPError as e:
         # http-fetch and url-fetch (guix/build/download.scm), then guix download's `leave`.
         sys.stderr.write(f'{url}: HTTP download failed: {e.code} ("{e.reason}")\n')
@@ -159,9 +158,6 @@ def _url_fetch(url: str, dest: str, verify: bool) -> None:
         sys.stderr.write(f"{url}: {reason}\n")
         sys.stderr.write(f'failed to download "{dest}" from "{url}"\n')
         raise UsageError(f"{url}: download failed") from None
-    name = os.path.basename(urlsplit(url).path) or url
-    sys.stderr.write(f"downloading from {url} :: {name}  {size} B\n")
-    sys.stderr.flush()
 
 
 def _local_file(url: str) -> str | None:
