@@ -105,7 +105,8 @@ echo hostname=$({bb} hostname)
 def test_fixed_output_may_use_network(
     make_builds: Callable[..., Builds], tcp_listener: tuple[int, list[bytes]]
 ) -> None:
-    """The counterpart: a fixed-output build shares the host network (2022 behaviour)."""
+    """The counterpart: a fixed-output build reaches the network, the host's loopback included
+    (upstream's default), through slirp4netns from a network namespace of its own."""
     import hashlib
 
     port, seen = tcp_listener

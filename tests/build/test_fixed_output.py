@@ -45,7 +45,7 @@ def http_url() -> Iterator[str]:
 
 
 def _fetch_script(b: Builds, url: str) -> str:
-    # busybox wget, run inside the chroot (fixed-output builds share the host network).
+    # busybox wget, run inside the chroot (slirp4netns connects 127.0.0.1 to the host's).
     return f"{b.busybox}/bin/busybox wget -q -O $out {url}/file.tar"
 
 

@@ -297,7 +297,6 @@ def abstract_listener() -> Iterator[tuple[str, list[int]]]:
             os.close(fd)
 
 
-@pytest.mark.xfail(strict=True, reason="fixed-output builds share the host network namespace")
 def test_fixed_output_cannot_hand_out_its_output(
     make_builds: Callable[..., Builds],
     attack_binary: str,
@@ -318,6 +317,89 @@ def test_fixed_output_cannot_hand_out_its_output(
     log = "".join(b.logs)
     assert fds == [], log
     assert Path(outs["out"]).read_bytes() == b"good"
+
+
+class _Listener:
+    """A TCP server of the host counting the connections it accepts."""
+
+    def __init__(self, address: str) -> None:
+        self.sock = socket.socket()
+        self.sock.bind((address, 0))
+        self.sock.listen()
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+
+def _external_address() -> str | None:
+    """An address of this host that is not loopback (for the route out through slirp)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.254", 9))
+        except OSError:
+            return None
+        address = s.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+@pytest.mark.parametrize("isolate", [False, True])
+def test_fixed_output_network(make_builds: Callable[..., Builds], isolate: bool) -> None:
+    """A fixed-output build has a network namespace of its own (only `lo` and slirp4netns's
+    `tap0`): it reaches the outside, and the host's loopback only as upstream allows it (yes by
+    default, through 127.0.0.1 and slirp's 10.0.2.2; no with --isolate-host-loopback)."""
+    external = _external_address()
+    loopback = _Listener("127.0.0.1")
+    anywhere = _Listener("0.0.0.0")
+    try:
+        b = make_builds(*(["--isolate-host-loopback"] if isolate else []), verbosity=1)
+        bb = b.busybox + "/bin/busybox"
+        script = f"""
+r() {{ if "$@" </dev/null >/dev/null 2>&1; then echo yes; else echo no; fi; }}
+echo lo=$(r {bb} nc -w 3 127.0.0.1 {loopback.port})
+echo gw=$(r {bb} nc -w 3 10.0.2.2 {loopback.port})
+echo ext=$(r {bb} nc -w 3 {external or "192.0.2.254"} {anywhere.port})
+echo ifaces=$({bb} tail -n +3 /proc/net/dev | {bb} cut -d: -f1 | {bb} tr -d ' ' | {bb} sort \
+  | {bb} tr '\n' ,)
+echo resolv=$({bb} cat /etc/resolv.conf)
+echo done > $out
+"""
+        drv, _ = b.derivation(
+            "net" + ("-isolated" if isolate else ""),
+            script,
+            fixed=("sha256", hashlib.sha256(b"done\n").hexdigest()),
+        )
+        b.client.build_paths([drv])
+    finally:
+        loopback.close()
+        anywhere.close()
+    res = _results("".join(b.logs))
+    assert res["ifaces"] == "lo,tap0,", res
+    assert res["resolv"] == "nameserver 10.0.2.3"
+    if isolate:
+        assert (res["lo"], res["gw"], loopback.connections) == ("no", "no", 0), res
+    else:
+        assert (res["lo"], res["gw"]) == ("yes", "yes") and loopback.connections == 2, res
+    if external is not None:
+        assert res["ext"] == "yes" and anywhere.connections == 1, res
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert "slirp4netns" not in ps
 
 
 def test_fixed_output_registered_bytes_are_a_fresh_copy(

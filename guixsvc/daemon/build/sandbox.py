@@ -109,8 +109,94 @@ def set_personality(flags: int) -> None:
 def loopback_up() -> None:
     """Bring up `lo` in a fresh network namespace (SIOCSIFFLAGS: UP|LOOPBACK|RUNNING)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        ifreq = struct.pack("16sH14x", b"lo", 0x1 | 0x8 | 0x40)
+        ifreq = struct.pack("16sH22x", b"lo", 0x1 | 0x8 | 0x40)
         fcntl.ioctl(s.fileno(), 0x8914, ifreq)
+
+
+# The user-mode network of fixed-output builds (slirp4netns defaults, as upstream's setupTap).
+TAP_NAME = "tap0"
+TAP_ADDRESS = "10.0.2.100"
+TAP_NETMASK = "255.255.255.0"
+SLIRP_GATEWAY = "10.0.2.2"  # also the host's loopback, unless --disable-host-loopback
+SLIRP_DNS = "10.0.2.3"
+
+SIOCSIFFLAGS = 0x8914
+SIOCSIFADDR = 0x8916
+SIOCSIFNETMASK = 0x891C
+SIOCSIFMTU = 0x8922
+SIOCADDRT = 0x890B
+IFF_UP = 0x1
+IFF_RUNNING = 0x40
+RTF_UP = 0x1
+RTF_GATEWAY = 0x2
+
+
+class _Sockaddr(ctypes.Structure):
+    _fields_ = [("family", ctypes.c_ushort), ("port", ctypes.c_ushort),
+                ("addr", ctypes.c_ubyte * 4), ("zero", ctypes.c_ubyte * 8)]  # fmt: skip
+
+    @classmethod
+    def inet(cls, address: str) -> _Sockaddr:
+        return cls(socket.AF_INET, 0, (ctypes.c_ubyte * 4)(*socket.inet_aton(address)))
+
+
+class _Rtentry(ctypes.Structure):
+    """`struct rtentry` (SIOCADDRT)."""
+
+    _fields_ = [
+        ("pad1", ctypes.c_ulong), ("dst", _Sockaddr), ("gateway", _Sockaddr),
+        ("genmask", _Sockaddr), ("flags", ctypes.c_ushort), ("pad2", ctypes.c_short),
+        ("pad3", ctypes.c_ulong), ("pad4", ctypes.c_void_p), ("metric", ctypes.c_short),
+        ("dev", ctypes.c_char_p), ("mtu", ctypes.c_ulong), ("window", ctypes.c_ulong),
+        ("irtt", ctypes.c_ushort),
+    ]  # fmt: skip
+
+
+def _ifreq_inet(name: str, address: str) -> bytes:
+    return struct.pack("16sH2s4s16x", name.encode(), socket.AF_INET, b"", socket.inet_aton(address))
+
+
+def configure_tap(host_loopback: bool) -> None:
+    """In the build's network namespace, once slirp4netns has created `tap0`: address
+    10.0.2.100/24, MTU 1500, up, default route through slirp's 10.0.2.2.
+
+    With `host_loopback` (upstream's default), `lo` stays down and `route_localnet` is on, so
+    127.0.0.1 is routed to slirp4netns, which connects to the host's loopback (a proxy on
+    127.0.0.1 keeps working); with --isolate-host-loopback `lo` comes up, 127.0.0.1 is the
+    build's own loopback and slirp4netns refuses 10.0.2.2 (`--disable-host-loopback`).
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        fd = s.fileno()
+        name = TAP_NAME.encode()
+        fcntl.ioctl(fd, SIOCSIFMTU, struct.pack("16si20x", name, 1500))
+        fcntl.ioctl(fd, SIOCSIFADDR, _ifreq_inet(TAP_NAME, TAP_ADDRESS))
+        fcntl.ioctl(fd, SIOCSIFNETMASK, _ifreq_inet(TAP_NAME, TAP_NETMASK))
+        fcntl.ioctl(fd, SIOCSIFFLAGS, struct.pack("16sH22x", name, IFF_UP | IFF_RUNNING))
+        route = _Rtentry()
+        route.dst = _Sockaddr.inet("0.0.0.0")
+        route.genmask = _Sockaddr.inet("0.0.0.0")
+        route.gateway = _Sockaddr.inet(SLIRP_GATEWAY)
+        route.flags = RTF_UP | RTF_GATEWAY
+        fcntl.ioctl(fd, SIOCADDRT, bytes(route))
+    if host_loopback:
+        # Packets from the host loopback come back with 127.0.0.1 as their source.
+        with open("/proc/sys/net/ipv4/conf/all/route_localnet", "w") as f:
+            f.write("1")
+    else:
+        loopback_up()
+
+
+def wait_for_network(fd: int) -> None:
+    """Block until the daemon says slirp4netns runs (one byte on `fd`; EOF: it failed)."""
+    while True:
+        try:
+            data = os.read(fd, 1)
+        except InterruptedError:
+            continue
+        break
+    os.close(fd)
+    if not data:
+        raise SandboxError("while setting up the build environment: no network for the build")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -226,6 +312,11 @@ class ChildSpec:
     chroot: str | None = None  # the chroot's root directory
     binds: dict[str, str] = field(default_factory=dict)  # target inside chroot -> source
     private_network: bool = True
+    #: Fixed-output build networked by slirp4netns: the read end of the pipe on which the
+    #: daemon signals that slirp4netns runs (then `tap0` is configured), and whether 127.0.0.1
+    #: reaches the host's loopback.
+    network_fd: int | None = None
+    host_loopback: bool = True
     personality: int | None = None
     builtin: Callable[[], None] | None = None  # run in the child instead of exec
     #: Fresh session keyring, no_new_privs and the seccomp filter (see `seccomp`).
@@ -246,6 +337,8 @@ def prepare_chroot(
     fixed_output: bool,
     inputs: list[str],
     binds: dict[str, str],
+    slirp: bool = False,
+    host_loopback: bool = True,
 ) -> dict[str, str]:
     """Create the chroot tree (parent side) and return the full bind list (target → source).
 
@@ -269,7 +362,24 @@ def prepare_chroot(
     if not fixed_output:
         _write(os.path.join(etc, "hosts"), "127.0.0.1 localhost\n")
     else:
-        for name in ("/etc/resolv.conf", "/etc/nsswitch.conf", "/etc/services", "/etc/hosts"):
+        files = ["/etc/nsswitch.conf", "/etc/services"]
+        if not slirp:
+            files += ["/etc/resolv.conf", "/etc/hosts"]
+        else:
+            # Upstream: slirp's DNS forwarder; with the host loopback reachable, the host's
+            # loopback names point at slirp's gateway.
+            _write(os.path.join(etc, "resolv.conf"), f"nameserver {SLIRP_DNS}\n")
+            if host_loopback:
+                try:
+                    with open("/etc/hosts") as f:
+                        hosts = f.read()
+                except OSError:
+                    hosts = "127.0.0.1 localhost\n::1 localhost\n"
+                hosts = hosts.replace("127.0.0.1", SLIRP_GATEWAY).replace("::1", "fd00::2")
+                _write(os.path.join(etc, "hosts"), hosts)
+            else:
+                files.append("/etc/hosts")
+        for name in files:
             if os.path.exists(name):
                 all_binds[name] = name
     fake_store = root + store_dir
@@ -364,7 +474,7 @@ def _become_builder(spec: ChildSpec, log_fd: int) -> None:
     """Final steps in the process that execs the builder; never returns."""
     if spec.chroot is not None:
         _setup_mounts(spec)
-        if spec.private_network:
+        if spec.private_network and spec.network_fd is None:
             loopback_up()
         socket.sethostname("localhost")
         _check(_libc.setdomainname(b"(none)", 7), "cannot set domain name")
@@ -437,8 +547,13 @@ def child_main(spec: ChildSpec, log_fd: int, pid_fd: int) -> None:
         pid = os.fork()
         if pid == 0:
             os.close(pid_fd)
+            if spec.network_fd is not None:
+                wait_for_network(spec.network_fd)
+                configure_tap(spec.host_loopback)
             _child_fds(log_fd)
             _become_builder(spec, 2)
+        if spec.network_fd is not None:
+            os.close(spec.network_fd)
         os.write(pid_fd, f"{pid}\n".encode())
         os.close(pid_fd)
         os.close(log_fd)

@@ -17,6 +17,7 @@ import platform
 import pwd
 import random
 import select
+import shutil
 import signal
 import subprocess
 import time
@@ -118,6 +119,7 @@ class Running:
     log: BuildLog | None
     log_size: int = 0
     timed_out: str | None = None
+    status: int | None = None  # already reaped (an offloaded build: guixsvc.offload.hook)
 
 
 @dataclass
@@ -137,7 +139,7 @@ class Goal:
     missing: list[str] = field(default_factory=list)
     input_paths: set[str] = field(default_factory=set)
     user: sandbox.BuildUser | None = None
-    slirp: subprocess.Popen[bytes] | None = None  # slirp4netns of a fixed-output build
+    slirp: _Slirp | None = None  # slirp4netns of a fixed-output build
     tmp_dir: str | None = None
     top_dir: str | None = None
     chroot: str | None = None
@@ -173,6 +175,10 @@ class Worker:
         self.poll_interval = max(self.settings.get_int("build-poll-interval", 5), 1)
         self.waiting_message_shown = False
         self._good_cache: dict[str, bool] = {}
+        from guixsvc.offload.hook import Offloader
+
+        #: Builds sent to other machines (`guix offload`); None when not configured.
+        self.offloader = Offloader.for_worker(self) if mode == BuildMode.NORMAL else None
 
     # -- messages ----------------------------------------------------------------------------
 
@@ -307,7 +313,7 @@ class Worker:
                     return
                 if progressed:
                     continue
-                if self.max_jobs == 0:
+                if self.max_jobs == 0 and not (self.offloader and self.offloader.postponed):
                     raise StoreError(
                         "unable to start any build; either increase `--max-jobs' "
                         "or enable distributed builds"
@@ -582,7 +588,8 @@ class Worker:
         assert g.drv is not None
         drv = g.drv
         out_paths = sorted(o.path for o in drv.outputs.values())
-        if len(self.running) >= self.max_jobs:
+        local = self.offloader.local_builds() if self.offloader else len(self.running)
+        if local >= self.max_jobs and self.offloader is None:
             return False
         if g.locks is None:
             locks = PathLocks()
@@ -613,6 +620,22 @@ class Worker:
             if not self.db.is_valid(p) and os.path.lexists(p):
                 sandbox.remove_tree(p)
         try:
+            if self.offloader is not None:
+                # Upstream `tryBuildHook`, then a local build slot (preferLocalBuild builds
+                # here even with --max-jobs=0).
+                prefer_local = drv.env.get("preferLocalBuild") == "1" and can_build_locally(
+                    drv.platform, self.this_system
+                )
+                reply = "decline"
+                if not prefer_local:
+                    reply = self.offloader.try_build(g, willing=local < self.max_jobs)
+                if reply == "accept":
+                    return True
+                if reply == "postpone" or (
+                    local >= self.max_jobs and not (prefer_local and local == 0)
+                ):
+                    self._release_locks(g, delete=False)
+                    return False
             self._start_builder(g)
         except BuildError as exc:
             self.msg(LVL_ERROR, str(exc))
@@ -708,9 +731,14 @@ class Worker:
             uid=g.user.uid if g.user else None,
             gid=g.user.gid if g.user else None,
             groups=g.user.groups if g.user else [],
-            private_network=not fixed,
+            private_network=True,
             personality=self._personality(drv.platform),
         )
+        slirp: str | None = None
+        host_loopback = not settings.get_bool("isolate-host-loopback")
+        if use_chroot and fixed:
+            slirp = self._slirp_program()
+            spec.host_loopback = host_loopback
         if use_chroot:
             uid = g.user.uid if g.user else os.getuid()
             gid = g.user.gid if g.user else os.getgid()
@@ -728,6 +756,8 @@ class Worker:
                 gid=gid,
                 build_gid=g.user.gid if g.user else None,
                 fixed_output=fixed,
+                slirp=slirp is not None,
+                host_loopback=host_loopback,
                 inputs=inputs,
                 binds=binds,
             )
@@ -760,10 +790,15 @@ class Worker:
             log = BuildLog(store.config.log_dir, g.drv_path, settings.log_compression)
         read_fd, write_fd = os.pipe()
         pid_r, pid_w = os.pipe()
+        net_w: int | None = None
+        if slirp is not None:
+            spec.network_fd, net_w = os.pipe()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - child
             os.close(read_fd)
             os.close(pid_r)
+            if net_w is not None:
+                os.close(net_w)
             sandbox.child_main(spec, write_fd, pid_w)
         os.close(write_fd)
         os.close(pid_w)
@@ -771,7 +806,23 @@ class Worker:
         os.close(pid_r)
         now = time.monotonic()
         g.running = Running(pid, kill_pid, read_fd, now, now, log)
-        error, rest = self._handshake(read_fd)
+        error: str | None = None
+        rest = b""
+        if net_w is not None:
+            assert slirp is not None and spec.network_fd is not None
+            os.close(spec.network_fd)
+            try:
+                # Networking for the build's namespace from outside it (upstream: "running the
+                # builder in the global network namespace would give it access to the global
+                # namespace of abstract sockets").
+                g.slirp = _Slirp.start(slirp, kill_pid, host_loopback)
+                os.write(net_w, b"1")
+            except (OSError, sandbox.SandboxError) as exc:
+                error = str(exc)
+            finally:
+                os.close(net_w)
+        if error is None:
+            error, rest = self._handshake(read_fd)
         if error is not None:
             self._kill(g)
             os.close(read_fd)
@@ -788,6 +839,18 @@ class Worker:
         )
         if rest:
             self._handle_output(g, rest)
+
+    def _slirp_program(self) -> str | None:
+        """Upstream: without slirp4netns or /dev/net/tun a fixed-output build runs with no
+        network at all (never in the host's network namespace)."""
+        program = shutil.which("slirp4netns")
+        if program is None:
+            self.msg(LVL_ERROR, "`slirp4netns' can't be found in PATH, network access disabled")
+            return None
+        if not os.path.exists("/dev/net/tun"):
+            self.msg(LVL_ERROR, "`/dev/net/tun' is missing, network access disabled")
+            return None
+        return program
 
     def _handshake(self, fd: int) -> tuple[str | None, bytes]:
         """Read the child's first line: empty means the set-up succeeded."""
@@ -931,6 +994,8 @@ class Worker:
         r = g.running
         assert r is not None
         del self.running[r.fd]
+        if self.offloader is not None and self.offloader.reap(g, r):
+            return  # an offloaded build that failed: handled (or to be tried elsewhere)
         try:
             self._finish_build(g, r)
         except (StoreError, KeyboardInterrupt, SystemExit):
@@ -953,7 +1018,7 @@ class Worker:
             # Drain what is left (the pipe reached EOF or is about to).
             pass
         os.close(r.fd)
-        _, status = os.waitpid(r.pid, 0)
+        status = r.status if r.status is not None else os.waitpid(r.pid, 0)[1]
         if g.user is not None:
             with contextlib.suppress(sandbox.SandboxError):
                 sandbox.kill_user(g.user.uid)
@@ -1228,12 +1293,70 @@ class Worker:
             sandbox.remove_tree(pivot)
 
 
+@dataclass
+class _Slirp:
+    """A running slirp4netns serving one build's network namespace."""
+
+    proc: subprocess.Popen[bytes]
+    exit_fd: int  # closing it (or the worker dying) makes slirp4netns exit
+
+    @classmethod
+    def start(cls, program: str, pid: int, host_loopback: bool, timeout: float = 20) -> _Slirp:
+        """Start slirp4netns for the network namespace of `pid` and wait until `tap0` is there.
+
+        As root it enters the namespace itself (`--netns-type=pid`); `--enable-sandbox` puts it
+        in its own mount namespace without capabilities, `--enable-seccomp` restricts its
+        system calls; `--exit-fd` ties its life to this worker."""
+        ready_r, ready_w = os.pipe()
+        exit_r, exit_w = os.pipe()
+        args = [program, "--enable-sandbox", "--enable-seccomp", f"--ready-fd={ready_w}",
+                f"--exit-fd={exit_r}", "--mtu=1500"]  # fmt: skip
+        if not host_loopback:
+            args.append("--disable-host-loopback")
+        args += [str(pid), sandbox.TAP_NAME]
+        try:
+            proc = subprocess.Popen(
+                args,
+                pass_fds=(ready_w, exit_r),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        except OSError:
+            for fd in (ready_r, ready_w, exit_r, exit_w):
+                os.close(fd)
+            raise
+        os.close(ready_w)
+        os.close(exit_r)
+        slirp = cls(proc, exit_w)
+        try:
+            ready, _, _ = select.select([ready_r], [], [], timeout)
+            if not ready or os.read(ready_r, 1) != b"1":
+                raise sandbox.SandboxError(
+                    f"while setting up the build environment: `{program}' failed to start"
+                )
+        except BaseException:
+            slirp.stop()
+            raise
+        finally:
+            os.close(ready_r)
+        return slirp
+
+    def stop(self) -> None:
+        if self.exit_fd >= 0:
+            os.close(self.exit_fd)
+            self.exit_fd = -1
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
 def _stop_process(g: Goal) -> None:
-    proc = g.slirp
+    slirp = g.slirp
     g.slirp = None
-    if proc is not None and proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    if slirp is not None:
+        slirp.stop()
 
 
 def _failed(g: Goal) -> bool:
