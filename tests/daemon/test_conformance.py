@@ -439,3 +439,148 @@ def test_processes_command_line() -> None:
     assert formats.stdout == "The available formats are:\n\n  - recutils\n  - normalized\n"
     helped = subprocess.run([*run, "--help"], capture_output=True, text=True)
     assert helped.stdout.startswith("Usage: guix processes\n")
+
+
+# --- builtin:download run by an unprivileged daemon -----------------------------------------
+
+
+NOBODY = 65534
+SYSTEM_PYTHON = "/usr/bin/python3"
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def unprivileged() -> Iterator[Daemon]:
+    """Our daemon run by `nobody` on a store it owns (builtins run as the daemon's user)."""
+    import shutil
+    import tempfile
+
+    if os.geteuid() != 0 or not os.path.exists(SYSTEM_PYTHON):
+        pytest.skip("needs root (to become nobody) and /usr/bin/python3")
+    if not all(os.stat(p).st_mode & 0o005 == 0o005 for p in [REPO, *REPO.parents]):
+        pytest.skip("source tree not readable by nobody")
+    base = Path(tempfile.mkdtemp(prefix="guixsvc-builtin-"))
+    root = base / "n"
+    root.mkdir()
+    env = store_env(root)
+    for path in (base, root, root / "etc"):
+        os.chown(path, NOBODY, NOBODY)
+    sock = str(root / "daemon.sock")
+    log = open(root / "daemon.log", "wb")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen(
+        [SYSTEM_PYTHON, "-m", "guixsvc.daemon.cli", f"--listen={sock}", "--no-substitutes"],
+        env={**env, "PYTHONPATH": str(REPO)}, stdout=log, stderr=subprocess.STDOUT, cwd="/",
+        user=NOBODY, group=NOBODY, extra_groups=[],
+    )  # fmt: skip
+    daemon = Daemon(root, sock, env, proc)
+    try:
+        wait_for_socket(sock, proc, root / "daemon.log")
+        yield daemon
+    finally:
+        stop_daemon(daemon)
+        if os.environ.get("KEEP") is None:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def add_download_drv(
+    c: DaemonClient, d: Daemon, name: str, url: str, data: bytes | None
+) -> tuple[str, str]:
+    """A `builtin:download` derivation of URL (fixed-output when DATA is given)."""
+    import hashlib
+
+    from guixsvc.store.derivation import (
+        Derivation,
+        DerivationOutput,
+        expected_output_paths,
+        unparse_derivation,
+    )
+    from guixsvc.store.paths import StoreDir
+
+    fixed = ("sha256", hashlib.sha256(data).hexdigest()) if data is not None else ("", "")
+    drv = Derivation(
+        outputs={"out": DerivationOutput("", *fixed)},
+        input_drvs={},
+        input_srcs=frozenset(),
+        platform="x86_64-linux",
+        builder="builtin:download",
+        args=[],
+        env={"out": "", "url": f'"{url}"', "preferLocalBuild": "1"},
+    )
+    sd = StoreDir(d.store_dir)
+    out = sd.display(expected_output_paths(sd, name, drv, lambda p: None, {})["out"])  # type: ignore[arg-type,return-value]
+    drv.outputs["out"].path = drv.env["out"] = out
+    return c.add_text_to_store(f"{name}.drv", unparse_derivation(drv), []), out
+
+
+def test_builtin_download_refuses_non_fixed_output(unprivileged: Daemon) -> None:
+    """tests/derivations.scm "'download' built-in builder, not fixed-output": the daemon's own
+    `file://` store item is not downloaded."""
+    d = unprivileged
+    log: list[str] = []
+    with DaemonClient(d.socket, log=log.append) as c:
+        source = c.add_text_to_store("hello", b"hi!")
+        drv, out = add_download_drv(c, d, "world", f"file://{source}", None)
+        with pytest.raises(DaemonError, match="failed"):
+            c.build_paths([drv])
+        assert not c.is_valid_path(out)
+    assert f"{drv} is not a fixed-output derivation" in "".join(log)
+    assert not os.path.exists(out)
+
+
+def test_builtin_download_skips_file_urls(unprivileged: Daemon) -> None:
+    """`url-fetch` tries only http, https and ftp: a `file://` URL is skipped, even for a
+    fixed-output derivation whose hash matches the file."""
+    d = unprivileged
+    secret = d.root / "readable-by-the-daemon"
+    secret.write_bytes(b"the daemon's own file\n")
+    os.chown(secret, NOBODY, NOBODY)
+    log: list[str] = []
+    with DaemonClient(d.socket, log=log.append) as c:
+        drv, out = add_download_drv(c, d, "file", f"file://{secret}", secret.read_bytes())
+        with pytest.raises(DaemonError, match="failed"):
+            c.build_paths([drv])
+        assert not c.is_valid_path(out)
+    assert f'skipping URI with unsupported scheme: "file://{secret}"' in "".join(log)
+
+
+def test_builtin_download_check_mode_leaves_the_output_alone(unprivileged: Daemon) -> None:
+    """tests/derivations.scm "'download' built-in builder, check mode": the check downloads
+    next to the valid output (upstream's hash rewriting), which stays as it was."""
+    import http.server
+
+    from guixsvc.protocol.ops import BuildMode
+
+    payload = b"text to download\n" * 50
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    d = unprivileged
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/file"
+        log: list[str] = []
+        with DaemonClient(d.socket, log=log.append) as c:
+            drv, out = add_download_drv(c, d, "world", url, payload)
+            c.build_paths([drv])
+            before = os.lstat(out)
+            assert Path(out).read_bytes() == payload and before.st_mode & 0o222 == 0
+            c.build_paths([drv], BuildMode.CHECK)
+            after = os.lstat(out)
+            assert (after.st_ino, after.st_mtime, after.st_mode) == (
+                before.st_ino, before.st_mtime, before.st_mode,
+            )  # fmt: skip
+            assert Path(out).read_bytes() == payload
+        leftovers = [n for n in os.listdir(d.store_dir) if n.endswith("-world")]
+        assert leftovers == [os.path.basename(out)]
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -1,11 +1,16 @@
-"""Builders the daemon runs itself: `builtin:download` and `builtin:git-download`.
+"""The builder the daemon runs itself: `builtin:download`.
 
-Upstream runs `guix perform-download DRV OUT` for both (spec/build-env.md §13); here the
+`builtin:git-download` (newer upstream) is not implemented, hence not advertised by
+`built-in-builders`: newer clients use it only when the daemon lists it.
+
+Upstream runs `guix perform-download DRV OUT` (spec/build-env.md §13); here the
 download is done in Python in the forked builder process (already running as the build user, in
 the build directory, with its output going to the log pipe).  It reads the derivation's `url`
 (a Scheme string or list of strings), resolves `mirror://` URLs through the `mirrors` file,
 streams the body to the output file and makes it executable when `executable` is "1"; the
-daemon then checks the fixed-output hash as for any build.
+daemon then checks the fixed-output hash as for any build.  As upstream: only fixed-output
+derivations are downloaded, only `http`, `https` and `ftp` URLs are tried (`url-fetch` skips
+others, so `file://` cannot read the daemon's files), and never as root.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ import urllib.request
 
 from guixsvc.store.derivation import Derivation
 
-BUILTIN_NAMES = ("download", "git-download")
+BUILTIN_NAMES = ("download",)
+#: The URL schemes `url-fetch` (guix/build/download.scm) downloads from.
+SCHEMES = ("http", "https", "ftp")
 
 _TOKEN = re.compile(r'\s*(?:(\()|(\))|"((?:[^"\\]|\\.)*)"|([^\s()"]+))', re.S)
 
@@ -104,14 +111,18 @@ def _fetch(url: str, dest: str) -> None:
         shutil.copyfileobj(resp, out, 1 << 16)
 
 
-def builtin_download(drv: Derivation, output: str) -> None:
+def builtin_download(drv: Derivation, output: str, drv_path: str = "") -> None:
     """Download the derivation's URL to `output`; raises BuiltinError when every URL fails."""
     if os.getuid() == 0:
         raise BuiltinError("refusing to run with elevated privileges (UID 0)")
+    if not drv.is_fixed_output:
+        raise BuiltinError(f"{drv_path or 'derivation'} is not a fixed-output derivation")
     urls = candidate_urls(drv)
-    print(f"\nStarting download of {output}", flush=True)
     for url in urls:
-        print(f"From {url}...", flush=True)
+        print(f"\nStarting download of {output}\nFrom {url}...", flush=True)
+        if url.partition(":")[0].lower() not in SCHEMES:
+            print(f'skipping URI with unsupported scheme: "{url}"', flush=True)
+            continue
         try:
             _fetch(url, output)
         except (urllib.error.URLError, OSError, ValueError) as exc:
@@ -127,9 +138,7 @@ def builtin_download(drv: Derivation, output: str) -> None:
     raise BuiltinError(f'failed to download "{output}" from {urls}')
 
 
-def run_builtin(name: str, drv: Derivation, output: str) -> None:
+def run_builtin(name: str, drv: Derivation, output: str, drv_path: str = "") -> None:
     if name not in BUILTIN_NAMES:
         raise BuiltinError(f"unsupported builtin function '{name}'")
-    if name == "git-download":
-        raise BuiltinError("git-download: unsupported by this daemon")
-    builtin_download(drv, output)
+    builtin_download(drv, output, drv_path)

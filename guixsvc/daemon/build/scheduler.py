@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import hashlib
 import os
 import platform
 import pwd
@@ -30,7 +31,7 @@ from guixsvc.daemon.build.logs import BuildLog
 from guixsvc.daemon.build.outputs import BuildError, NotDeterministic, show_paths
 from guixsvc.protocol.ops import BuildMode
 from guixsvc.protocol.store_api import StoreError
-from guixsvc.store import nar
+from guixsvc.store import base32, nar
 from guixsvc.store.canonical import canonicalise
 from guixsvc.store.db import ValidPathInfo
 from guixsvc.store.derivation import Derivation, DerivationError, read_derivation
@@ -149,6 +150,9 @@ class Goal:
     phase: str = "init"
     #: Repair without a chroot: valid outputs moved aside while they are rebuilt in place.
     moved_aside: dict[str, str] = field(default_factory=dict)
+    #: Check mode without a chroot (builtins): where outputs are built instead of over the
+    #: valid ones (upstream `addHashRewrite`).
+    redirected: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -742,7 +746,10 @@ class Worker:
             spec.chroot = g.chroot
         if builtin_name is not None:
             out = drv.outputs["out"].path if "out" in drv.outputs else ""
-            spec.builtin = lambda: builtins.run_builtin(builtin_name, drv, out)
+            if out and self.mode == BuildMode.CHECK and g.chroot is None:
+                out = self._redirect(g, out)  # the valid output stays as it is
+            drv_path = g.drv_path
+            spec.builtin = lambda: builtins.run_builtin(builtin_name, drv, out, drv_path)
 
         if not can_build_locally(drv.platform, self.this_system) and (
             drv.platform.partition("-")[2] != self.this_system.partition("-")[2]
@@ -1057,7 +1064,20 @@ class Worker:
         self._done(g, Result.OUTPUT_REJECTED)
 
     def _actual(self, g: Goal, path: str) -> str:
+        if path in g.redirected:
+            return g.redirected[path]
         return g.chroot + path if g.chroot else path
+
+    def _redirect(self, g: Goal, path: str) -> str:
+        """Upstream `addHashRewrite`: the output's name with the hash part replaced by the
+        first 32 nix-base32 characters of SHA-256(`rewrite:DRV:PATH`)."""
+        store = self.store.config.store_dir
+        digest = hashlib.sha256(f"rewrite:{g.drv_path}:{path}".encode()).digest()
+        redirected = f"{store}/{base32.encode(digest)[:32]}{path[len(store) + 33 :]}"
+        sandbox.remove_tree(redirected)
+        g.redirected[path] = redirected
+        self.msg(LVL_CHATTY, f"output '{path}' redirected to '{redirected}'")
+        return redirected
 
     def _move_failed_outputs(self, g: Goal) -> None:
         """Upstream keeps a failed build's outputs in the store for debugging; they are made
@@ -1208,6 +1228,9 @@ class Worker:
 
         if g.slirp is not None:
             step("stopping the network helper", lambda: _stop_process(g))
+        for redirected in list(g.redirected.values()):
+            step("removing a redirected output", lambda r=redirected: sandbox.remove_tree(r))
+        g.redirected.clear()
         if not keep_locks:
             for p, aside in list(g.moved_aside.items()):
 
