@@ -478,8 +478,7 @@ def unprivileged() -> Iterator[Daemon]:
         yield daemon
     finally:
         stop_daemon(daemon)
-        if os.environ.get("KEEP") is None:
-            shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def add_download_drv(
