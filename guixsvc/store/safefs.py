@@ -256,7 +256,7 @@ def walk(
             if missing_ok:
                 return
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), display)
-        yield from _walk_from(dir_fd, name, display, st, sort, fix_access, levels)
+        yield from _walk_from(dir_fd, name, display, st, sort, fix_access, levels, missing_ok)
     finally:
         for level in levels:
             if level.fd >= 0:
@@ -303,6 +303,7 @@ def _walk_from(
     sort: bool,
     fix_access: bool,
     levels: list[_Level],
+    missing_ok: bool,
 ) -> Iterator[Node]:
     if not stat.S_ISDIR(top_st.st_mode):
         yield Node(LEAF, top_parent, top_name, top_display, top_st, None, 0)
@@ -311,7 +312,10 @@ def _walk_from(
     if fd is None:
         if st is not None:
             yield Node(LEAF, top_parent, top_name, top_display, st, None, 0)
-        return
+            return
+        if missing_ok:
+            return
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), top_display)
     assert st is not None
     levels.append(_Level(fd, top_name, top_display, st, []))
     yield Node(ENTER, top_parent, top_name, top_display, st, fd, 0)
