@@ -129,7 +129,8 @@ def start_daemon(root: Path, *extra: str) -> Daemon:
 
 
 def wait_for_socket(sock: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    """Wait until the daemon accepts connections (the file exists from bind(), before listen())."""
+    """Wait until the daemon serves: it listens first, as upstream, and answers a handshake
+    once the store is initialised (so a test may then touch the store directly)."""
     deadline = time.monotonic() + 20
     while True:
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -138,8 +139,13 @@ def wait_for_socket(sock: str, proc: subprocess.Popen[bytes], log: Path) -> None
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
                 probe.connect(sock)
-            return
         except (FileNotFoundError, ConnectionRefusedError):
+            time.sleep(0.02)
+            continue
+        try:
+            DaemonClient(sock).close()
+            return
+        except (OSError, EOFError):
             time.sleep(0.02)
 
 

@@ -118,6 +118,8 @@ def start_build_daemon(root: Path, *extra: str) -> Daemon:
             time.sleep(0.02)
         finally:
             probe.close()
+    # It listens before the store is initialised (as upstream): a handshake waits for that.
+    DaemonClient(sock).close()
     return Daemon(root, sock, env, proc)
 
 

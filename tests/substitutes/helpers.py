@@ -103,12 +103,15 @@ def start_node(root: Path, shared: Path, real_store: Path | None, *flags: str) -
         real_store,
     )  # fmt: skip
     deadline = time.monotonic() + 20
-    while not os.path.exists(sock):
+    while True:  # until it serves (it listens before the store is initialised, as upstream)
         if proc.poll() is not None or time.monotonic() > deadline:
             stop_node(node)
             raise RuntimeError("daemon did not start:\n" + node.log())
-        time.sleep(0.02)
-    return node
+        try:
+            DaemonClient(sock).close()
+            return node
+        except (OSError, EOFError):
+            time.sleep(0.02)
 
 
 def free_port() -> int:
