@@ -102,6 +102,28 @@ def test_nar_size_is_not_checked_and_the_narinfo_size_is_registered(d: Daemon) -
         assert c.query_path_info(item).nar_size == 2**31 + 100
 
 
+def test_substitutable_path_info_with_a_size_beyond_63_bits(d: Daemon) -> None:
+    """tests/store.scm "substitute query and large size" (<https://issues.guix.gnu.org/51983>)
+    and "substitute query": the size comes back whole, with the deriver."""
+    from guixsvc.protocol.ops import Op
+    from guixsvc.protocol.wire import encode_strings
+
+    item = f"{d.store_dir}/{HASH}-bad-size"
+    deriver = f"{HASH[:-1]}2-bad-size.drv"
+    write_narinfo(d, item, url="http://example.org", nar_hash=nar_hash32(),
+                  nar_size=2**63 + 100)  # fmt: skip
+    narinfo = cache_dir(d) / f"{HASH}.narinfo"
+    narinfo.write_text(narinfo.read_text() + f"Deriver: {deriver}\n")
+    with client(d) as c:
+        c.call(Op.QUERY_SUBSTITUTABLE_PATH_INFOS, encode_strings([item]))
+        assert c.read_int() == 1
+        assert c.read_string() == item
+        assert c.read_string() == f"{d.store_dir}/{deriver}"
+        assert c.read_strings() == []
+        c.read_int()  # download size
+        assert c.read_int() == 2**63 + 100
+
+
 def test_has_substitutes_without_nar_hash(d: Daemon) -> None:
     """tests/guix-daemon.sh (line 58): a narinfo without NarHash still makes the item
     substitutable; fetching it then fails and leaves nothing behind."""
