@@ -35,6 +35,7 @@ DEFAULTS: dict[str, str] = {
     "build-use-substitutes": "true",
     "build-users-group": "",
     "build-use-chroot": "true",
+    "build-use-hook": "true",
     "build-impersonate-linux-26": "false",
     "build-keep-log": "true",
     "build-max-log-size": "0",
@@ -77,6 +78,9 @@ class Settings:
     log_compression: str = "gzip"
     lose_logs: bool = False
     debug: bool = False
+    #: The client's use-build-hook flag (SetOptions): false keeps its builds off the offload
+    #: machines; `build-use-hook` (false with --no-offload) is the daemon's own switch.
+    use_build_hook: bool = True
 
     def copy(self) -> Settings:
         return dataclasses.replace(self, values=dict(self.values))
@@ -142,6 +146,7 @@ class Settings:
         self.build_verbosity = options.build_verbosity
         self.log_type = options.log_type
         self.print_build_trace = options.print_build_trace
+        self.use_build_hook = options.use_build_hook
         if self.get_bool("build-use-substitutes"):
             self.set("build-use-substitutes", "true" if options.use_substitutes else "false")
         users: list[str] = []
