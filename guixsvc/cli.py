@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "units": ("guixsvc.units", "render the systemd units"),
     "discover": ("guixsvc.daemon.discover", "discover publish servers with Avahi (guix discover)"),
     "processes": ("guixsvc.processes", "list the daemon's sessions (as guix processes)"),
+    "offload": ("guixsvc.offload.cli", "test build machines, show their status (guix offload)"),
 }
 
 HELP = (
