@@ -9,7 +9,7 @@ PORT ?= 8080
 # systemd-nspawn) leave those groups out and skip their tests.
 APT_CORE := nix-bin busybox-static libgcrypt20 guile-3.0 guile-gcrypt systemd libsystemd-dev \
             pkg-config lzip zstd gzip util-linux passwd procps iproute2 chromium \
-            slirp4netns gcc libc6-dev
+            slirp4netns gcc libc6-dev openssh-server openssh-client
 APT_AVAHI := avahi-daemon avahi-utils dbus
 APT_E2E := debootstrap systemd-container
 APT_PACKAGES := $(APT_CORE) $(if $(filter 0,$(GUIXSVC_AVAHI)),,$(APT_AVAHI)) \
