@@ -7,6 +7,7 @@ key files are read before `--user` drops privileges.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import re
@@ -205,15 +206,112 @@ def systemd_socket(env: dict[str, str] | None = None) -> socket.socket | None:
     return sock
 
 
-def open_socket(opts: PublishOptions) -> socket.socket:
+def open_socket(opts: PublishOptions, *, reuseport: bool = False) -> socket.socket:
+    """Bind and listen on `--listen`/`--port`; with `reuseport`, in an SO_REUSEPORT group (one
+    socket per server process, the kernel spreading connections over them)."""
     host = opts.listen if opts.listen is not None else "0.0.0.0"
     sock = socket.socket(opts.family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
-    sock.bind((host, opts.port))
-    sock.listen(1024)
-    opts.address = (host, opts.port)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
+        port = opts.address[1] if reuseport and opts.address is not None else opts.port
+        sock.bind((host, port))
+        sock.listen(1024)
+    except BaseException:
+        sock.close()
+        raise
+    opts.address = (host, int(sock.getsockname()[1]))
     return sock
+
+
+def process_count(opts: PublishOptions) -> int:
+    """How many server processes: `--workers` (default: the number of cores), at most one
+    per core.  Each process bakes with its share of the `--workers` threads."""
+    return max(1, min(opts.workers, os.cpu_count() or 1))
+
+
+def open_sockets(opts: PublishOptions, count: int) -> list[socket.socket]:
+    """`count` listening sockets on the same address (SO_REUSEPORT), bound before privileges
+    are dropped; a single plain socket when `count` is 1."""
+    if count == 1:
+        return [open_socket(opts)]
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            socks.append(open_socket(opts, reuseport=True))
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    return socks
+
+
+def serve_processes(
+    socks: Sequence[socket.socket], serve: Callable[[socket.socket, int], None]
+) -> int:
+    """Run `serve(sock, index)` in one forked process per entry of `socks` (entries may be the
+    same socket, e.g. one passed by systemd, which the processes then share) and supervise
+    them: SIGTERM/SIGINT are passed on, and when one process dies the others are stopped and
+    its status is returned (the service manager restarts the whole service).  With a single
+    socket, `serve` runs in this process."""
+    if len(socks) == 1:
+        serve(socks[0], 0)
+        return 0
+    import signal
+    import traceback
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    children: dict[int, int] = {}
+    for index, sock in enumerate(socks):
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                for other in {id(s): s for s in socks if s is not sock}.values():
+                    if other.fileno() != sock.fileno():
+                        other.close()
+                serve(sock, index)
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            finally:
+                with contextlib.suppress(Exception):
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                os._exit(code)
+        children[pid] = index
+    for sock in {id(s): s for s in socks}.values():
+        sock.close()
+    stopping = False
+    status = 0
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    while children:
+        try:
+            pid, wstatus = os.wait()
+        except ChildProcessError:
+            break
+        children.pop(pid, None)
+        code = os.waitstatus_to_exitcode(wstatus)
+        if not stopping:
+            sys.stderr.write(f"{PROG}: error: server process {pid} exited with status {code}\n")
+            sys.stderr.flush()
+            status = code if code > 0 else 1
+            stop(signal.SIGTERM, None)
+    return status
 
 
 def drop_privileges(user: str) -> None:
@@ -253,9 +351,12 @@ def _main(opts: PublishOptions) -> int:
     config = StoreConfig.from_env(daemon=False)
     public_path = opts.public_key or keys.public_key_file(config.conf_dir)
     secret_path = opts.private_key or keys.secret_key_file(config.conf_dir)
+    processes = process_count(opts)
     try:
         activated = systemd_socket()
-        sock = activated if activated is not None else open_socket(opts)
+        socks = [activated] * processes if activated is not None else []
+        if activated is None:
+            socks = open_sockets(opts, processes)
     except UsageError as exc:
         sys.stderr.write(f"{exc}")
         return 1
@@ -290,9 +391,14 @@ def _main(opts: PublishOptions) -> int:
         # Upstream's format string is "Advertising ~a~%." — the dot starts the next line.
         sys.stderr.write(f"{PROG}: Advertising {avahi.service_name()}\n.")
     sys.stderr.flush()
-    server = PublishServer(opts, config, secret=secret, public=public)
-    server.run(sock)
-    return 0
+
+    def serve(sock: socket.socket, index: int) -> None:
+        if index:
+            opts.advertise = False  # one registration is enough
+        opts.workers = max(1, opts.workers // processes)  # baking threads of this process
+        PublishServer(opts, config, secret=secret, public=public).run(sock)
+
+    return serve_processes(socks, serve)
 
 
 if __name__ == "__main__":

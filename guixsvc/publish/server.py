@@ -35,6 +35,7 @@ from guixsvc.pki import keys
 from guixsvc.protocol.client import DaemonClient, DaemonError, default_socket
 from guixsvc.publish.cli import PublishOptions
 from guixsvc.publish.compression import compressor
+from guixsvc.publish.memo import NarinfoMemo, item_signature
 from guixsvc.store import base32, nar
 from guixsvc.store.config import StoreConfig
 from guixsvc.store.narinfo import render_narinfo
@@ -357,6 +358,8 @@ class PublishServer:
         self.last_sweep = 0.0
         self.metrics = Metrics()
         self.narinfo_cache: OrderedDict[tuple[Any, ...], bytes] = OrderedDict()
+        self.memo = NarinfoMemo(config.db_dir)
+        self._narinfo_headers = {"Content-Type": NARINFO_TYPE, **self._cache_control(opts.ttl)}
         self.log = sys.stdout
 
     # -- helpers ---------------------------------------------------------------------------
@@ -534,11 +537,23 @@ class PublishServer:
     async def narinfo(self, request: web.Request, hash_part: str) -> web.StreamResponse:
         if self.opts.cache is not None:
             return await self.narinfo_cached(request, hash_part)
+        memo = self.memo
+        body = memo.get(hash_part)
+        if body is not None:
+            if body is memo.MISSING:
+                return self.not_found(request, "", self.opts.negative_ttl)
+            return web.Response(body=body, headers=self._narinfo_headers)
+        db_sig = memo.before_query()
         path = await self.hash_to_path(hash_part)
+        item_sig = item_signature(path) if path else None
         info = await self.item_info(path) if path else None
         if info is None:
+            memo.put_missing(hash_part, db_sig)
             return self.not_found(request, "", self.opts.negative_ttl)
-        return await self.narinfo_response(info, self.opts.ttl)
+        response = await self.narinfo_response(info, self.opts.ttl)
+        assert isinstance(response.body, bytes)
+        memo.put(hash_part, info.path, response.body, item_sig)
+        return response
 
     def _parse_item(self, item: str) -> str | None:
         try:
@@ -747,7 +762,7 @@ class PublishServer:
             for kind, level in comps:
                 target = self._cache_file(kind, base, ".nar")
                 os.makedirs(os.path.dirname(target), exist_ok=True)
-                tmp = f"{target}.tmp"
+                tmp = f"{target}.tmp.{os.getpid()}"
                 producer = NarProducer(info.path, kind, level)
                 try:
                     with open(tmp, "wb") as out:
