@@ -79,6 +79,8 @@ class Choice:
 
     machine: BuildMachine | None = None
     slot: Slot | None = None
+    #: The open SSH session to the machine (status read, daemon socket forwarded).
+    transport: Transport | None = None
     #: Some candidate is busy (no free slot) or overloaded: trying again later may succeed.
     busy: bool = False
     #: Candidates that could not be reached.
@@ -106,10 +108,11 @@ def choose_machine(
             with_slots.append((m, slot))
     with_slots.sort(key=lambda ms: -ms[0].speed)  # stable: equal speeds stay shuffled
     for i, (best, slot) in enumerate(with_slots):
+        t = Transport(best, SHORT_TIMEOUT)
         try:
-            with Transport(best, SHORT_TIMEOUT) as t:
-                status = t.status(store_dir)
+            status = t.status(store_dir)
         except TransportError as exc:
+            t.close()
             report(f"{exc}\n")
             choice.unreachable.append(best)
             slot.release()
@@ -120,8 +123,9 @@ def choose_machine(
         if (threshold is None or status.load < threshold) and not low_space:
             for _, other in with_slots[i + 1 :]:
                 other.release()
-            choice.machine, choice.slot = best, slot
+            choice.machine, choice.slot, choice.transport = best, slot, t
             return choice
+        t.close()
         if low_space:
             assert status.free_space is not None
             report(

@@ -70,6 +70,7 @@ class Job:
     """What the child needs: everything read from the database beforehand."""
 
     machine: BuildMachine
+    transport: Transport  # open: its session forwards the machine's daemon socket
     drv_path: str
     outputs: list[str]
     inputs: list[ValidPathInfo]  # topologically sorted (references first)
@@ -84,6 +85,11 @@ class Job:
 class _Active:
     machine: BuildMachine
     slot: Slot
+    transport: Transport
+
+    def close(self) -> None:
+        self.slot.release()
+        self.transport.close()
 
 
 @dataclass
@@ -161,19 +167,20 @@ class Offloader:
             report=report,
         )
         self.down.update(m.name for m in choice.unreachable)
-        if choice.machine is None or choice.slot is None:
+        if choice.machine is None or choice.slot is None or choice.transport is None:
             if choice.busy and not willing:
                 self.postponed = True
                 return "postpone"
             return "decline"
+        active = _Active(choice.machine, choice.slot, choice.transport)
         try:
-            self._start(g, choice.machine, choice.slot)
+            self._start(g, active)
         except BaseException:
-            choice.slot.release()
+            active.close()
             raise
         return "accept"
 
-    def _start(self, g: Goal, machine: BuildMachine, slot: Slot) -> None:
+    def _start(self, g: Goal, active: _Active) -> None:
         from guixsvc.daemon.build.logs import BuildLog
         from guixsvc.daemon.build.outputs import show_paths
         from guixsvc.daemon.build.scheduler import Running
@@ -189,8 +196,10 @@ class Offloader:
             if info is None:
                 raise OffloadError(f"path `{p}' is not valid")
             infos[p] = info
+        machine = active.machine
         job = Job(
             machine=machine,
+            transport=active.transport,
             drv_path=g.drv_path,
             outputs=list(g.missing),
             inputs=_topological(infos),
@@ -221,7 +230,7 @@ class Offloader:
         now = time.monotonic()
         g.running = Running(pid, pid, read_fd, now, now, log)
         w.running[read_fd] = g
-        self.active[g.drv_path] = _Active(machine, slot)
+        self.active[g.drv_path] = active
         w.trace(f"@ build-started {g.drv_path} - {g.drv.platform} {log.path if log else ''} {pid}")
 
     # -- the end of a remote build -----------------------------------------------------------
@@ -243,12 +252,13 @@ class Offloader:
         active = self.active.pop(g.drv_path, None)
         if active is None:
             return False
-        active.slot.release()
         self.finished_builds += 1
         if r.timed_out:
+            active.close()
             return False
         _, status = os.waitpid(r.pid, 0)
         r.status = status
+        active.close()
         if status == 0:
             return False
         w = self.worker
@@ -442,9 +452,8 @@ def run_job(job: Job, log_fd: int) -> int:
         with contextlib.suppress(OSError):
             out.write(text.encode("utf-8", "surrogateescape"))
 
-    transport: Transport | None = None
+    transport = job.transport
     try:
-        transport = Transport(job.machine, timeout=15)
         client = transport.connect_daemon(log=log)
         _set_remote_options(client, job)
         client.add_temp_root(job.drv_path)
@@ -487,9 +496,7 @@ def run_job(job: Job, log_fd: int) -> int:
     except DaemonError as exc:
         log(f"guix offload: error: '{name}': {exc.message}\n")
     except (OSError, EOFError, ProtocolError, nar.NarError) as exc:
-        detail = transport.stderr_text() if transport is not None else ""
+        detail = transport.stderr_text()
         log(f"guix offload: error: connection to '{name}' lost: {detail or exc}\n")
-    finally:
-        if transport is not None:
-            transport.close()
+    # The session's ssh is the worker's child: the worker ends it once this process exited.
     return EXIT_TRANSIENT

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -31,6 +32,7 @@ from guixsvc.offload.machines import BuildMachine
 from guixsvc.protocol.client import CLIENT_VERSION, DaemonClient
 
 HOST_ALIAS = "guixsvc-offload-machine"
+_END = "guixsvc-offload-status-end"
 SHORT_TIMEOUT = 15  # upstream's %short-timeout
 
 
@@ -85,15 +87,32 @@ class Transport:
         with open(self.known_hosts, "w") as f:
             f.write(f"{HOST_ALIAS} {parts[0]} {parts[1]}\n")
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.local_socket = os.path.join(self._dir, "daemon.sock")
+        self.session: subprocess.Popen[bytes] | None = None
+        self._status: RemoteStatus | None = None
+        self._stderr_fd: int | None = None
 
     def close(self) -> None:
         for proc in self.procs:
-            if proc.poll() is None:
+            with contextlib.suppress(OSError):
                 proc.kill()
             with contextlib.suppress(Exception):
                 proc.wait(5)
+            for f in (proc.stdin, proc.stdout):
+                with contextlib.suppress(OSError):
+                    if f is not None:
+                        f.close()
         self.procs = []
+        self.session = None
+        if self._stderr_fd is not None:
+            os.close(self._stderr_fd)
+            self._stderr_fd = None
         shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __del__(self) -> None:  # a worker that ends abruptly still ends its sessions
+        with contextlib.suppress(Exception):
+            if self.procs:
+                self.close()
 
     def __enter__(self) -> Transport:
         return self
@@ -168,12 +187,58 @@ class Transport:
         return proc.stdout.decode(errors="replace")
 
     def status(self, store_dir: str) -> RemoteStatus:
-        """Upstream `node-load` and `node-free-disk-space` in one round trip."""
-        out = self.run(
+        """Upstream `node-load` and `node-free-disk-space`, read through the session that also
+        forwards the daemon socket (`open`): one SSH connection serves the choice and the
+        build."""
+        if self.session is None:
+            self.open(store_dir)
+        assert self._status is not None
+        return self._status
+
+    def open(self, store_dir: str) -> None:
+        """One SSH session: the remote daemon socket forwarded to `self.local_socket`
+        (`-L`), and a remote shell that prints the machine's status then waits on its
+        standard input, which keeps the session (and the forwarding) open until `close`."""
+        local = self.local_socket
+        command = (
             "cat /proc/loadavg; nproc; "
-            f"df -Pk '{store_dir}' 2>/dev/null | tail -n 1; uname -srmn; date +%s"
+            f"df -Pk '{store_dir}' 2>/dev/null | tail -n 1 | grep . || echo; uname -srnm; "
+            f"date +%s; echo {_END}; exec cat >/dev/null"
         )
-        lines = out.splitlines()
+        err_r, err_w = os.pipe()
+        try:
+            proc = subprocess.Popen(
+                self.argv(
+                    "-o", "ExitOnForwardFailure=yes", "-o", "StreamLocalBindUnlink=yes",
+                    "-L", f"{local}:{self.machine.daemon_socket}", self.machine.name, command,
+                ),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err_w,
+            )  # fmt: skip
+        except OSError as exc:
+            os.close(err_r)
+            raise TransportError(f"cannot run ssh: {exc.strerror}") from None
+        finally:
+            os.close(err_w)
+        self.procs.append(proc)
+        self.session = proc
+        self._stderr_fd = err_r
+        assert proc.stdout is not None
+        out = b""
+        deadline = time.monotonic() + self.timeout + 5
+        fd = proc.stdout.fileno()
+        while _END.encode() not in out:
+            left = deadline - time.monotonic()
+            ready = select.select([fd], [], [], max(left, 0))[0] if left > 0 else []
+            chunk = os.read(fd, 4096) if ready else b""
+            if not chunk:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+                raise self._failure(self._read_stderr())
+            out += chunk
+        lines = out.decode(errors="replace").splitlines()
         load = 1.0
         try:
             one = float(lines[0].split()[0])
@@ -188,57 +253,33 @@ class Transport:
         now: float | None = None
         with contextlib.suppress(IndexError, ValueError):
             now = float(lines[4])
-        return RemoteStatus(load, free, uname, now)
-
-    def connect_daemon(self, log: Callable[[str], None] | None = None) -> DaemonClient:
-        """A worker-protocol connection to the machine's daemon socket, forwarded by ssh to a
-        Unix socket in our private directory (`ssh -N -L LOCAL:REMOTE`)."""
-        local = os.path.join(self._dir, "daemon.sock")
-        err_r, err_w = os.pipe()
-        try:
-            proc = subprocess.Popen(
-                self.argv(
-                    "-N",
-                    "-o",
-                    "ExitOnForwardFailure=yes",
-                    "-o",
-                    "StreamLocalBindUnlink=yes",
-                    "-L",
-                    f"{local}:{self.machine.daemon_socket}",
-                    self.machine.name,
-                ),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=err_w,
-            )
-        except OSError as exc:
-            os.close(err_r)
-            raise TransportError(f"cannot run ssh: {exc.strerror}") from None
-        finally:
-            os.close(err_w)
-        self.procs.append(proc)
-        self._stderr_fd = err_r
-        deadline = time.monotonic() + self.timeout + 5
-        while not os.path.exists(local):
+        self._status = RemoteStatus(load, free, uname, now)
+        while not os.path.exists(local):  # the listener is set up before the session
             if proc.poll() is not None or time.monotonic() > deadline:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
                 raise self._failure(self._read_stderr())
-            time.sleep(0.01)
+            time.sleep(0.005)
+
+    def connect_daemon(
+        self, log: Callable[[str], None] | None = None, store_dir: str = "/gnu/store"
+    ) -> DaemonClient:
+        """A worker-protocol connection to the machine's daemon socket through the session's
+        forwarding (opened first if need be)."""
+        if self.session is None:
+            self.open(store_dir)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            sock.connect(local)
+            sock.connect(self.local_socket)
             return _SocketClient(sock, log)
         except (EOFError, OSError) as exc:
             sock.close()
+            detail = self.stderr_text() or str(exc)
             raise TransportError(
                 f"failed to talk to the daemon at '{self.machine.daemon_socket}' on "
-                f"'{self.machine.name}': {self._read_stderr().strip() or exc}"
+                f"'{self.machine.name}': {detail}"
             ) from None
 
     def _read_stderr(self) -> bytes:
-        fd = getattr(self, "_stderr_fd", None)
+        fd = self._stderr_fd
         if fd is None:
             return b""
         with contextlib.suppress(OSError):
