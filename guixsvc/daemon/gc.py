@@ -409,6 +409,17 @@ class Collector:
                     f"`{self.trash_dir}': {os.strerror(e.errno)}",
                 )
                 self.move_to_trash = False
+        # The store is writable by the build group: whatever stands at `trash` now (a symlink
+        # planted after the clean-up above, say) must be our own directory, or store items
+        # would be renamed out of the store through it.
+        try:
+            st = os.lstat(self.trash_dir)
+        except OSError:
+            self.move_to_trash = False
+            return
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            self._msg(LVL_ERROR, f"warning: `{self.trash_dir}' is not the collector's directory")
+            self.move_to_trash = False
 
     def _remove_unused_links(self) -> None:
         actual = unshared = 0
