@@ -16,10 +16,10 @@ import errno
 import os
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from guixsvc.offload.machines import BuildMachine
-from guixsvc.offload.transport import SHORT_TIMEOUT, Transport, TransportError
+from guixsvc.offload.transport import RemoteStatus
 from guixsvc.store.locks import lock_fd
 
 MINIMUM_DISK_SPACE = 100 * 2**20  # upstream's %minimum-disk-space
@@ -79,22 +79,18 @@ class Choice:
 
     machine: BuildMachine | None = None
     slot: Slot | None = None
-    #: The open SSH session to the machine (status read, daemon socket forwarded).
-    transport: Transport | None = None
-    #: Some candidate is busy (no free slot) or overloaded: trying again later may succeed.
+    #: Some candidate is busy (no free slot): trying again later may succeed.
     busy: bool = False
-    #: Candidates that could not be reached.
-    unreachable: list[BuildMachine] = field(default_factory=list)
 
 
-def choose_machine(
-    candidates: list[BuildMachine],
-    *,
-    state_dir: str,
-    store_dir: str,
-    report: Callable[[str], None],
-    rng: random.Random | None = None,
+def pick_machine(
+    candidates: list[BuildMachine], *, state_dir: str, rng: random.Random | None = None
 ) -> Choice:
+    """Steps 1 and 2 of `choose-build-machine`: a slot on every candidate that has one free,
+    random order then decreasing speed, the first one kept and the other slots released.
+    Step 3, the load and disk space check (`suitable`), is made by the process that runs the
+    build, so that the daemon's build loop never waits for an SSH connection; an unsuitable
+    machine sends the build back to be placed again without it."""
     rng = rng or random.Random()
     shuffled = list(candidates)
     rng.shuffle(shuffled)
@@ -107,32 +103,22 @@ def choose_machine(
         else:
             with_slots.append((m, slot))
     with_slots.sort(key=lambda ms: -ms[0].speed)  # stable: equal speeds stay shuffled
-    for i, (best, slot) in enumerate(with_slots):
-        t = Transport(best, SHORT_TIMEOUT)
-        try:
-            status = t.status(store_dir)
-        except TransportError as exc:
-            t.close()
-            report(f"{exc}\n")
-            choice.unreachable.append(best)
-            slot.release()
-            continue
-        report(f"normalized load on machine '{best.name}' is {status.load:.2f}\n")
-        threshold = best.overload_threshold
-        low_space = status.free_space is not None and status.free_space < MINIMUM_DISK_SPACE
-        if (threshold is None or status.load < threshold) and not low_space:
-            for _, other in with_slots[i + 1 :]:
-                other.release()
-            choice.machine, choice.slot, choice.transport = best, slot, t
-            return choice
-        t.close()
-        if low_space:
-            assert status.free_space is not None
-            report(
-                f"skipping machine '{best.name}' because it is low on disk space "
-                f"({status.free_space / 2**20:.2f} MiB free)\n"
-            )
-        else:
-            choice.busy = True
-        slot.release()
+    if with_slots:
+        choice.machine, choice.slot = with_slots[0]
+        for _, other in with_slots[1:]:
+            other.release()
     return choice
+
+
+def suitable(machine: BuildMachine, status: RemoteStatus, report: Callable[[str], None]) -> bool:
+    """Step 3: the machine's normalised load is below its `overload-threshold` (unless #f) and
+    it has 100 MiB free for its store; upstream's messages."""
+    report(f"normalized load on machine '{machine.name}' is {status.load:.2f}\n")
+    if status.free_space is not None and status.free_space < MINIMUM_DISK_SPACE:
+        report(
+            f"skipping machine '{machine.name}' because it is low on disk space "
+            f"({status.free_space / 2**20:.2f} MiB free)\n"
+        )
+        return False
+    threshold = machine.overload_threshold
+    return threshold is None or status.load < threshold

@@ -29,9 +29,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from guixsvc.offload.choose import Slot, choose_machine, machine_matches
+from guixsvc.offload.choose import Slot, machine_matches, pick_machine, suitable
 from guixsvc.offload.machines import BuildMachine, MachinesError, load_machines
-from guixsvc.offload.transport import Transport, TransportError
+from guixsvc.offload.transport import SHORT_TIMEOUT, Transport, TransportError
 from guixsvc.protocol.client import DaemonClient, DaemonError
 from guixsvc.protocol.ops import EXPORT_MAGIC, Op
 from guixsvc.protocol.wire import (
@@ -52,6 +52,8 @@ if TYPE_CHECKING:
 
 EXIT_PERMANENT = 100
 EXIT_TRANSIENT = 1
+EXIT_UNSUITABLE = 75  # overloaded or low on disk space: place the build again without it
+EXIT_UNREACHABLE = 76  # cannot connect: the machine is left out for the rest of the request
 
 LVL_ERROR, LVL_INFO, LVL_TALKATIVE = 0, 1, 2
 
@@ -70,7 +72,7 @@ class Job:
     """What the child needs: everything read from the database beforehand."""
 
     machine: BuildMachine
-    transport: Transport  # open: its session forwards the machine's daemon socket
+    store_dir: str
     drv_path: str
     outputs: list[str]
     inputs: list[ValidPathInfo]  # topologically sorted (references first)
@@ -85,11 +87,9 @@ class Job:
 class _Active:
     machine: BuildMachine
     slot: Slot
-    transport: Transport
 
     def close(self) -> None:
         self.slot.release()
-        self.transport.close()
 
 
 @dataclass
@@ -103,6 +103,8 @@ class Offloader:
     excluded: dict[str, set[str]] = field(default_factory=dict)
     #: Machines found unreachable during this request.
     down: set[str] = field(default_factory=set)
+    #: Machines found overloaded or low on space, and until when they are left out.
+    unsuitable: dict[str, float] = field(default_factory=dict)
     postponed: bool = False
     finished_builds: int = 0
     #: The last answer for a goal and when/under which conditions it was given: a goal waiting
@@ -149,6 +151,8 @@ class Offloader:
         self.postponed = False
         features = g.drv.env.get("requiredSystemFeatures", "").split()
         excluded = self.excluded.get(g.drv_path, set()) | self.down
+        now = time.monotonic()
+        resting = {name for name, until in self.unsuitable.items() if until > now}
         candidates = [
             m
             for m in self.machines
@@ -156,23 +160,15 @@ class Offloader:
         ]
         if not candidates:
             return "decline"
-
-        def report(text: str) -> None:
-            w.msg(LVL_ERROR, text.rstrip("\n"))
-
-        choice = choose_machine(
-            candidates,
-            state_dir=w.store.config.state_dir,
-            store_dir=w.store_dir,
-            report=report,
+        choice = pick_machine(
+            [m for m in candidates if m.name not in resting], state_dir=w.store.config.state_dir
         )
-        self.down.update(m.name for m in choice.unreachable)
-        if choice.machine is None or choice.slot is None or choice.transport is None:
-            if choice.busy and not willing:
+        if choice.machine is None or choice.slot is None:
+            if (choice.busy or resting) and not willing:
                 self.postponed = True
                 return "postpone"
             return "decline"
-        active = _Active(choice.machine, choice.slot, choice.transport)
+        active = _Active(choice.machine, choice.slot)
         try:
             self._start(g, active)
         except BaseException:
@@ -199,7 +195,7 @@ class Offloader:
         machine = active.machine
         job = Job(
             machine=machine,
-            transport=active.transport,
+            store_dir=w.store_dir,
             drv_path=g.drv_path,
             outputs=list(g.missing),
             inputs=_topological(infos),
@@ -253,12 +249,11 @@ class Offloader:
         if active is None:
             return False
         self.finished_builds += 1
+        active.close()
         if r.timed_out:
-            active.close()
             return False
         _, status = os.waitpid(r.pid, 0)
         r.status = status
-        active.close()
         if status == 0:
             return False
         w = self.worker
@@ -271,6 +266,16 @@ class Offloader:
             if not w.db.is_valid(p):
                 sandbox.remove_tree(p)
         code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+        name = active.machine.name
+        if code in (EXIT_UNSUITABLE, EXIT_UNREACHABLE):
+            # Upstream's `choose-build-machine` would have moved on to the next machine.
+            if code == EXIT_UNREACHABLE:
+                self.down.add(name)
+            else:
+                self.unsuitable[name] = time.monotonic() + w.poll_interval
+            self.asked.pop(g.drv_path, None)
+            w._cleanup(g, failed=True)
+            return True
         if code == EXIT_PERMANENT:
             w.trace(f"@ build-failed {g.drv_path} - 1 offloaded build failed")
             if w.settings.get_bool("build-cache-failure"):
@@ -452,8 +457,15 @@ def run_job(job: Job, log_fd: int) -> int:
         with contextlib.suppress(OSError):
             out.write(text.encode("utf-8", "surrogateescape"))
 
-    transport = job.transport
+    transport = Transport(job.machine, timeout=SHORT_TIMEOUT)
     try:
+        try:
+            status = transport.status(job.store_dir)
+        except TransportError as exc:
+            log(f"{exc}\n")
+            return EXIT_UNREACHABLE
+        if not suitable(job.machine, status, log):
+            return EXIT_UNSUITABLE
         client = transport.connect_daemon(log=log)
         _set_remote_options(client, job)
         client.add_temp_root(job.drv_path)
@@ -498,5 +510,6 @@ def run_job(job: Job, log_fd: int) -> int:
     except (OSError, EOFError, ProtocolError, nar.NarError) as exc:
         detail = transport.stderr_text()
         log(f"guix offload: error: connection to '{name}' lost: {detail or exc}\n")
-    # The session's ssh is the worker's child: the worker ends it once this process exited.
+    finally:
+        transport.close()
     return EXIT_TRANSIENT
