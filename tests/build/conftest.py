@@ -50,28 +50,37 @@ def _is_static(path: str) -> bool:
 requires_root = pytest.mark.skipif(os.geteuid() != 0, reason="builds need root (namespaces)")
 
 
+def _admin(*cmd: str, check: bool = True) -> None:
+    """Run a shadow-utils command, retrying while another process (a concurrent test session
+    adding its own users) holds the lock of /etc/passwd or /etc/group."""
+    for _ in range(100):
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode == 0 or "lock" not in r.stderr.lower():
+            break
+        time.sleep(0.1)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr.strip()}")
+
+
 @pytest.fixture(scope="session")
 def build_users() -> Iterator[str]:
     if os.geteuid() != 0:
         pytest.skip("creating build users needs root")
     if not shutil.which("groupadd") or not shutil.which("useradd"):
         pytest.skip("groupadd/useradd missing (Debian package passwd)")
-    subprocess.run(["groupdel", GROUP], capture_output=True)
     for user in USERS:
-        subprocess.run(["userdel", user], capture_output=True)
-    subprocess.run(["groupadd", "--system", GROUP], check=True)
+        _admin("userdel", user, check=False)
+    _admin("groupdel", GROUP, check=False)
+    _admin("groupadd", "--system", GROUP)
     for user in USERS:
-        subprocess.run(
-            ["useradd", "--system", "--no-create-home", "-g", GROUP, "-G", GROUP,
-             "-d", "/var/empty", "-s", "/usr/sbin/nologin", user],
-            check=True,
-        )  # fmt: skip
+        _admin("useradd", "--system", "--no-create-home", "-g", GROUP, "-G", GROUP,
+               "-d", "/var/empty", "-s", "/usr/sbin/nologin", user)  # fmt: skip
     try:
         yield GROUP
     finally:
         for user in USERS:
-            subprocess.run(["userdel", user], capture_output=True)
-        subprocess.run(["groupdel", GROUP], capture_output=True)
+            _admin("userdel", user, check=False)
+        _admin("groupdel", GROUP, check=False)
 
 
 @pytest.fixture

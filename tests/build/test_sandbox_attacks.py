@@ -488,3 +488,79 @@ def test_unexpected_failures_release_everything(
     b.client.build_paths([drv])
     assert Path(outs["out"]).read_text() == "fine\n"
     _no_build_leftovers(b)
+
+
+def _ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def _pids_of(pattern: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_dead_worker_releases_everything(make_builds: Callable[..., Builds], fixed: bool) -> None:
+    """The daemon worker running a build is killed (SIGKILL, nothing runs in it any more): its
+    builder, the build's PID namespace and slirp4netns go with it, its build user is free, and
+    a new session can use every build user at once."""
+    b = make_builds("--max-jobs=3")
+    bb = b.busybox + "/bin/busybox"
+    marker = f"4747{int(fixed)}{os.getpid() % 1000}"
+    drv, _ = b.derivation(
+        "stuck" + ("-fixed" if fixed else ""),
+        f"{bb} sleep {marker}; echo -n x > $out",
+        fixed=("sha256", hashlib.sha256(b"x").hexdigest()) if fixed else None,
+    )
+    failures: list[BaseException] = []
+
+    def build() -> None:
+        try:
+            b.client.build_paths([drv])
+        except BaseException as exc:
+            failures.append(exc)
+
+    t = threading.Thread(target=build)
+    t.start()
+    deadline = time.monotonic() + 20
+    while not (sleepers := _pids_of(f"sleep {marker}")):
+        assert time.monotonic() < deadline, "the build never started"
+        time.sleep(0.05)
+    # The builder is `sh -c …`, a child of the process the worker forked.
+    builder = min(sleepers)
+    assert Path(f"/proc/{builder}/cmdline").read_bytes().startswith(b"sh\0-c\0")
+    worker = _ppid(_ppid(builder))
+    assert _ppid(worker) == b.daemon.process.pid
+    if fixed:
+        assert _pids_of(f"slirp4netns.*{builder}")
+    os.kill(worker, 9)
+    t.join(20)
+    assert failures, "the client saw its build succeed"
+    deadline = time.monotonic() + 10
+    while _pids_of(f"sleep {marker}") or _pids_of("slirp4netns"):
+        assert time.monotonic() < deadline, "the build outlived its worker"
+        time.sleep(0.05)
+    client = b.daemon.client()
+    b.client.close()
+    b.client = client
+    client.set_options(use_substitutes=False)
+    drvs = [b.derivation(f"after{i}", f"{bb} sleep 1; echo {i} > $out")[0] for i in range(3)]
+    client.build_paths(drvs)
+    client.close()
+
+
+def test_no_build_user_process_survives_without_pid_namespace(
+    make_builds: Callable[..., Builds],
+) -> None:
+    """Without the chroot (and its PID namespace) a builder's daemonised process is killed
+    before the build user is released."""
+    b = make_builds("--disable-chroot")
+    bb = b.busybox + "/bin/busybox"
+    marker = f"4848{os.getpid() % 1000}"
+    drv, outs = b.derivation(
+        "daemonise", f"({bb} setsid {bb} sleep {marker} </dev/null >/dev/null 2>&1 &); echo > $out"
+    )
+    b.client.build_paths([drv])
+    assert Path(outs["out"]).exists()
+    assert _pids_of(f"sleep {marker}") == []

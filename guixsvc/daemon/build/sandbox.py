@@ -59,6 +59,8 @@ _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.unshare.argtypes = [ctypes.c_int]
 _libc.setdomainname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
 _libc.personality.argtypes = [ctypes.c_ulong]
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                        ctypes.c_ulong]  # fmt: skip
 
 
 class SandboxError(Exception):
@@ -321,6 +323,8 @@ class ChildSpec:
     builtin: Callable[[], None] | None = None  # run in the child instead of exec
     #: Fresh session keyring, no_new_privs and the seccomp filter (see `seccomp`).
     confine: bool = True
+    #: The worker that forks the child (0: not checked).
+    parent_pid: int = 0
 
 
 DEV_NODES = ("/dev/full", "/dev/kvm", "/dev/null", "/dev/random", "/dev/tty", "/dev/urandom",
@@ -489,6 +493,9 @@ def _become_builder(spec: ChildSpec, log_fd: int) -> None:
             raise OSError(errno.EPERM, "cannot set uid")
         if os.getgid() != spec.gid or os.getegid() != spec.gid:
             raise OSError(errno.EPERM, "cannot set gid")
+    # Dies with its parent (set after the uid change, which clears it): a worker that dies
+    # takes its builds with it, the build's PID namespace included.
+    die_with_parent(spec.parent_pid if spec.chroot is None else None)
     if spec.confine:
         seccomp.confine_builder()
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
@@ -516,6 +523,16 @@ def _become_builder(spec: ChildSpec, log_fd: int) -> None:
 
 _fds_ready = False
 
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(expected_parent: int | None) -> None:
+    """SIGKILL when the parent dies; exit at once if it already has (`expected_parent`)."""
+    if _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "cannot set the parent death signal")
+    if expected_parent and os.getppid() != expected_parent:
+        os._exit(1)
+
 
 def _child_fds(log_fd: int) -> None:
     global _fds_ready
@@ -535,6 +552,7 @@ def child_main(spec: ChildSpec, log_fd: int, pid_fd: int) -> None:
     """
     try:
         os.setsid()
+        die_with_parent(spec.parent_pid)
         if spec.chroot is None:
             os.write(pid_fd, f"{os.getpid()}\n".encode())
             os.close(pid_fd)

@@ -715,6 +715,7 @@ class Worker:
             groups=g.user.groups if g.user else [],
             private_network=True,
             personality=self._personality(drv.platform),
+            parent_pid=os.getpid(),
         )
         slirp: str | None = None
         host_loopback = not settings.get_bool("isolate-host-loopback")
