@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -139,6 +140,8 @@ def main() -> int:
     if os.geteuid() != 0:
         print("run as root (sshd, mount namespaces, cgroups)", file=sys.stderr)
         return 1
+    # SIGTERM ends the run through the `finally` below (daemons, sshd, cgroups cleaned up).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     base = Path(tempfile.mkdtemp(prefix="guixsvc-offload-bench-", dir="/tmp"))
     cluster = make_cluster(base, 2, "--max-jobs=1")
     groups: list[OneCore] = []

@@ -164,28 +164,6 @@ class Transport:
             f"failed to connect to '{name}': {lines[-1] if lines else 'ssh failed'}"
         )
 
-    def run(self, command: str) -> str:
-        """Run a shell command on the machine; its standard output."""
-        try:
-            proc = subprocess.run(
-                self.argv(self.machine.name, command),
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                timeout=self.timeout + 5,
-            )
-        except subprocess.TimeoutExpired:
-            raise TransportError(f"failed to connect to '{self.machine.name}': timeout") from None
-        except OSError as exc:
-            raise TransportError(f"cannot run ssh: {exc.strerror}") from None
-        if proc.returncode == 255:
-            raise self._failure(proc.stderr)
-        if proc.returncode != 0:
-            raise TransportError(
-                f"command failed on '{self.machine.name}': "
-                + (proc.stderr.decode(errors="replace").strip() or f"exit {proc.returncode}")
-            )
-        return proc.stdout.decode(errors="replace")
-
     def status(self, store_dir: str) -> RemoteStatus:
         """Upstream `node-load` and `node-free-disk-space`, read through the session that also
         forwards the daemon socket (`open`): one SSH connection serves the choice and the
