@@ -326,6 +326,7 @@ def test_listens_before_the_store_is_ready_but_serves_only_after(tmp_path: Path)
     is initialised: here the big lock is held, so initialisation waits, and a client that
     connected meanwhile gets its handshake answered only once the lock is released."""
     import fcntl
+    import time
 
     from guixsvc.protocol.ops import WORKER_MAGIC_1, WORKER_MAGIC_2
     from guixsvc.protocol.wire import encode_int
@@ -343,9 +344,15 @@ def test_listens_before_the_store_is_ready_but_serves_only_after(tmp_path: Path)
     )  # fmt: skip
     daemon = Daemon(tmp_path, sock, env, proc)
     try:
-        wait_for_socket(sock, proc, tmp_path / "daemon.log")  # while the store is locked
         early = socket.socket(socket.AF_UNIX)
-        early.connect(sock)
+        deadline = time.monotonic() + 20
+        while True:  # connectable while the store is locked
+            try:
+                early.connect(sock)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.01)
         early.sendall(encode_int(WORKER_MAGIC_1))
         early.settimeout(1.0)
         with pytest.raises(TimeoutError):
