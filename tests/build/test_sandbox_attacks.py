@@ -115,7 +115,10 @@ def test_builder_cannot_make_setid_files_or_xattrs(
         "setid",
         f"{bb} mkdir $out; {tool}/bin/attack setid $out > $out/results 2>&1; "
         f"{bb} cp {bb} $out/sh; {bb} chmod u+s $out/sh; echo busybox-chmod=$? >> $out/results; "
-        f"{bb} chmod 0777 $out/sh; echo plain-chmod=$? >> $out/results",
+        f"{bb} chmod 0777 $out/sh; echo plain-chmod=$? >> $out/results; "
+        # The same through the i386 system call interface (int $0x80): other numbers.
+        f"echo i386-suid=$({tool}/bin/attack chmod32 $out/sh 4755) >> $out/results; "
+        f"echo i386-plain=$({tool}/bin/attack chmod32 $out/sh 0755) >> $out/results",
         sources=(tool,),
     )
     try:
@@ -130,6 +133,8 @@ def test_builder_cannot_make_setid_files_or_xattrs(
     assert res["open_plain"] == "ok" and res["chmod_plain"] == "ok"
     assert res["plain_mode"] == "777"
     assert res["busybox-chmod"] != "0" and res["plain-chmod"] == "0"
+    if res["i386-plain"] != "chmod32=ENOSYS":  # a kernel without IA32 emulation
+        assert (res["i386-suid"], res["i386-plain"]) == ("chmod32=EPERM", "chmod32=ok"), res
     assert _unsafe_entries(outs["out"]) == []
 
 

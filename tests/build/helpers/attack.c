@@ -104,6 +104,31 @@ static int sendfd(const char *path, const char *text, const char *name) {
     return 0;
 }
 
+/* chmod(PATH, MODE) through the i386 system call interface (int $0x80), which the seccomp
+   filter sees with AUDIT_ARCH_I386 and i386 numbers.  The path is copied to a static buffer:
+   the binary is static and not PIE, so the buffer lies below 4 GiB. */
+static char path32[4096];
+
+static int chmod32(const char *path, const char *mode) {
+#if defined(__x86_64__)
+    long ret;
+    strncpy(path32, path, sizeof path32 - 1);
+    long m = strtol(mode, NULL, 8);
+    __asm__ volatile("int $0x80" : "=a"(ret) : "a"(15L), "b"(path32), "c"(m) : "memory");
+    if (ret < 0) {
+        errno = (int) -ret;
+        report("chmod32", -1);
+    } else {
+        report("chmod32", 0);
+    }
+    return 0;
+#else
+    (void) path; (void) mode;
+    printf("chmod32=unsupported\n");
+    return 0;
+#endif
+}
+
 /* Leave a bound Unix socket file at PATH. */
 static int mksock(const char *path) {
     int s = socket(AF_UNIX, SOCK_STREAM, 0);
@@ -118,6 +143,7 @@ int main(int argc, char **argv) {
     if (argc >= 4 && strcmp(argv[1], "keys") == 0) return keys(argv[2], argv[3]);
     if (argc >= 5 && strcmp(argv[1], "sendfd") == 0) return sendfd(argv[2], argv[3], argv[4]);
     if (argc >= 3 && strcmp(argv[1], "mksock") == 0) return mksock(argv[2]);
-    fprintf(stderr, "usage: attack setid DIR | keys DAEMON-KEY PLANTED | sendfd PATH TEXT NAME | mksock PATH\n");
+    if (argc >= 4 && strcmp(argv[1], "chmod32") == 0) return chmod32(argv[2], argv[3]);
+    fprintf(stderr, "usage: attack setid DIR | keys DAEMON-KEY PLANTED | sendfd PATH TEXT NAME | mksock PATH | chmod32 PATH MODE\n");
     return 2;
 }
