@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from guixsvc.daemon.build import seccomp
-from guixsvc.protocol.client import DaemonError
+from guixsvc.protocol.client import DaemonClient, DaemonError
 from tests.build.conftest import Builds, requires_root
 
 pytestmark = requires_root
@@ -569,3 +569,58 @@ def test_no_build_user_process_survives_without_pid_namespace(
     b.client.build_paths([drv])
     assert Path(outs["out"]).exists()
     assert _pids_of(f"sleep {marker}") == []
+
+
+def _build_as(uid: int, gid: int, socket_path: str, drv: str) -> str:
+    """Connect as `uid` (an ordinary local account) with keep-failed and build `drv`; returns
+    the error text (the build is expected to fail)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        os.close(r)
+        text = "built"
+        try:
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            client = DaemonClient(socket_path)
+            client.set_options(keep_failed=True, use_substitutes=False)
+            try:
+                client.build_paths([drv])
+            except DaemonError as exc:
+                text = str(exc)
+            client.close()
+        except BaseException as exc:
+            text = f"client error: {exc!r}"
+        os.write(w, text.encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        text = f.read().decode()
+    os.waitpid(pid, 0)
+    return text
+
+
+def test_kept_tree_goes_to_the_client_made_safe(make_builds: Callable[..., Builds]) -> None:
+    """An ordinary local user keeps a failed build's tree: it becomes theirs (upstream pivots
+    it to the top), without set-id bits or group/world write permission, and nothing in it
+    belongs to the build user any more."""
+    b = make_builds()
+    bb = b.busybox + "/bin/busybox"
+    script = f"""
+{bb} mkdir -p sub
+{bb} cp {bb} sub/sh
+{bb} chmod 0777 sub sub/sh .
+{bb} mkdir -m 2777 sgid
+{bb} ln -s /etc/shadow shadow
+{bb} mkfifo fifo
+exit 1
+"""
+    drv, _ = b.derivation("kept-for-user", script)
+    text = _build_as(65534, 65534, b.daemon.socket, drv)
+    assert "failed" in text, text
+    kept = b.daemon.root / "tmp" / "guix-build-kept-for-user.drv-0"
+    assert (kept / "sub" / "sh").exists(), sorted(os.listdir(b.daemon.root / "tmp"))
+    assert _unsafe_entries(str(kept), owner=65534) == []
+    assert os.readlink(kept / "shadow") == "/etc/shadow"
+    assert os.stat("/etc/shadow").st_uid == 0
