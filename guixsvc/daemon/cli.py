@@ -343,7 +343,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from guixsvc.daemon import listen
     from guixsvc.store.config import StoreConfig
 
-    listen.setup_logging(settings.debug)
     try:
         settings.validate()
         sockets = listen.listening_sockets(args.listen, StoreConfig.from_env().socket_path)

@@ -9,7 +9,6 @@ sd_notify and logs go to the journal with structured fields when systemd started
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import socket
 import sys
@@ -21,7 +20,9 @@ SD_LISTEN_FDS_START = 3
 #: systemd gives a socket unit.
 BACKLOG = socket.SOMAXCONN
 
-log = logging.getLogger("guix-daemon")
+#: How many sockets systemd passed (0: we opened our own).  Logged by the daemon once logging
+#: is set up: guix-daemon listens before loading `logging` (clients connect at once).
+activated = 0
 
 
 class ListenError(Exception):
@@ -102,7 +103,8 @@ def systemd_sockets(environ: dict[str, str] | None = None) -> list[socket.socket
 def listening_sockets(listen: list[str], default_socket: str) -> list[socket.socket]:
     socks = systemd_sockets()
     if socks:
-        log.info("socket-activated with %d socket(s)", len(socks))
+        global activated
+        activated = len(socks)
         return socks
     specs = listen or [default_socket]
     result = []
@@ -146,6 +148,8 @@ def under_systemd() -> bool:
 
 
 def setup_logging(debug: bool = False) -> None:
+    import logging
+
     level = logging.DEBUG if debug else logging.INFO
     root = logging.getLogger()
     root.setLevel(level)

@@ -105,6 +105,8 @@ def run_daemon(
         except listen.ListenError as exc:
             sys.stderr.write(f"error: {exc}\n")
             return 1
+    if listen.activated:
+        log.info("socket-activated with %d socket(s)", listen.activated)
     for sock in sockets:
         sock.setblocking(False)
     # With --discover, `guix discover` runs beside the daemon (a child process: the main
