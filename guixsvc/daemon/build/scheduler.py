@@ -120,6 +120,7 @@ class Running:
     log: BuildLog | None
     log_size: int = 0
     timed_out: str | None = None
+    status: int | None = None  # already reaped (an offloaded build: guixsvc.offload.hook)
 
 
 @dataclass
@@ -178,6 +179,10 @@ class Worker:
         self.poll_interval = max(self.settings.get_int("build-poll-interval", 5), 1)
         self.waiting_message_shown = False
         self._good_cache: dict[str, bool] = {}
+        from guixsvc.offload.hook import Offloader
+
+        #: Builds sent to other machines (`guix offload`); None when not configured.
+        self.offloader = Offloader.for_worker(self) if mode == BuildMode.NORMAL else None
 
     # -- messages ----------------------------------------------------------------------------
 
@@ -312,7 +317,7 @@ class Worker:
                     return
                 if progressed:
                     continue
-                if self.max_jobs == 0:
+                if self.max_jobs == 0 and not (self.offloader and self.offloader.postponed):
                     raise StoreError(
                         "unable to start any build; either increase `--max-jobs' "
                         "or enable distributed builds"
@@ -587,7 +592,8 @@ class Worker:
         assert g.drv is not None
         drv = g.drv
         out_paths = sorted(o.path for o in drv.outputs.values())
-        if len(self.running) >= self.max_jobs:
+        local = self.offloader.local_builds() if self.offloader else len(self.running)
+        if local >= self.max_jobs and self.offloader is None:
             return False
         if g.locks is None:
             locks = PathLocks()
@@ -618,6 +624,22 @@ class Worker:
             if not self.db.is_valid(p) and os.path.lexists(p):
                 sandbox.remove_tree(p)
         try:
+            if self.offloader is not None:
+                # Upstream `tryBuildHook`, then a local build slot (preferLocalBuild builds
+                # here even with --max-jobs=0).
+                prefer_local = drv.env.get("preferLocalBuild") == "1" and can_build_locally(
+                    drv.platform, self.this_system
+                )
+                reply = "decline"
+                if not prefer_local:
+                    reply = self.offloader.try_build(g, willing=local < self.max_jobs)
+                if reply == "accept":
+                    return True
+                if reply == "postpone" or (
+                    local >= self.max_jobs and not (prefer_local and local == 0)
+                ):
+                    self._release_locks(g, delete=False)
+                    return False
             self._start_builder(g)
         except BuildError as exc:
             self.msg(LVL_ERROR, str(exc))
@@ -980,6 +1002,8 @@ class Worker:
         r = g.running
         assert r is not None
         del self.running[r.fd]
+        if self.offloader is not None and self.offloader.reap(g, r):
+            return  # an offloaded build that failed: handled (or to be tried elsewhere)
         try:
             self._finish_build(g, r)
         except (StoreError, KeyboardInterrupt, SystemExit):
@@ -1002,7 +1026,7 @@ class Worker:
             # Drain what is left (the pipe reached EOF or is about to).
             pass
         os.close(r.fd)
-        _, status = os.waitpid(r.pid, 0)
+        status = r.status if r.status is not None else os.waitpid(r.pid, 0)[1]
         if g.user is not None:
             with contextlib.suppress(sandbox.SandboxError):
                 sandbox.kill_user(g.user.uid)
