@@ -612,3 +612,36 @@ def test_builtin_download_check_mode_leaves_the_output_alone(unprivileged: Daemo
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_building_a_derivation_registered_under_a_lax_name(d: Daemon) -> None:
+    """tests/store-database.scm registers `<store>/eeee…-fake` items with the client's own
+    `register-items`; the daemon then treats them as any other item, derivations included."""
+    from guixsvc.store.db import StoreDatabase, ValidPathInfo
+    from guixsvc.store.derivation import Derivation, DerivationOutput, unparse_derivation
+
+    out = f"{d.store_dir}/{'e' * 32}-lax"
+    drv_path = f"{d.store_dir}/{'e' * 32}-lax.drv"
+    drv = Derivation(
+        outputs={"out": DerivationOutput(out, "", "")},
+        input_drvs={},
+        input_srcs=frozenset(),
+        platform="x86_64-linux",
+        builder="/bin/sh",
+        args=["-c", "echo built > $out"],
+        env={"out": out},
+    )
+    Path(drv_path).write_bytes(unparse_derivation(drv))
+    db = StoreDatabase.open(os.path.dirname(d.db_path), fsync=False)
+    try:
+        db.register_valid_paths([ValidPathInfo(drv_path, "sha256:" + "00" * 32, 1, frozenset())])
+        db.add_derivation_outputs(drv_path, {"out": out})
+    finally:
+        db.close()
+    with client(d) as c:
+        c.set_options(use_substitutes=False)
+        assert c.query_derivation_outputs(drv_path) == [out]
+        c.build_paths([drv_path])
+        assert c.is_valid_path(out)
+        assert c.query_path_info(out).deriver == drv_path
+    assert Path(out).read_text() == "built\n"

@@ -221,10 +221,10 @@ class Worker:
             g.result = Result.PERMANENT_FAILURE
             self.msg(LVL_ERROR, f"cannot build missing derivation `{drv_path}'")
             return g
-        self.store.add_temp_root(self.store.sd.parse(drv_path))
+        self.store.add_temp_root(self.store.sd.parse_lax(drv_path))
         g.drv = self._read_drv(drv_path)
         for out in g.drv.outputs.values():
-            self.store.add_temp_root(self.store.sd.parse(out.path))
+            self.store.add_temp_root(self.store.sd.parse_lax(out.path))
         return g
 
     def _add_inputs(self, g: Goal) -> None:
@@ -475,7 +475,7 @@ class Worker:
         from guixsvc.daemon import substituter
         from guixsvc.store.narinfo import best_entries
 
-        sp = self.store.sd.parse(path)
+        sp = self.store.sd.parse_lax(path)
         self.store.add_temp_root(sp)
         sub = substituter.for_store(self.store)
         try:
@@ -579,7 +579,7 @@ class Worker:
 
     def _substitute(self, path: str) -> bool:
         try:
-            return self.store.substitute(self.store.sd.parse(path))
+            return self.store.substitute(self.store.sd.parse_lax(path))
         except StoreError as exc:
             self.msg(LVL_ERROR, str(exc))
             return False
