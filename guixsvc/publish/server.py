@@ -4,7 +4,10 @@ Behaviour follows spec/substitutes.md §1-§4 so that `guix substitute` (and Nix
 cannot tell it from upstream.  The server is one aiohttp event loop; everything that blocks
 runs in thread pools: daemon RPCs (a few `DaemonClient` connections, one per thread), nar
 serialisation and compression (chunk by chunk, so a nar is never whole in memory), and baking.
-Cached nars are sent with `sendfile` (aiohttp's FileResponse, which also serves HTTP ranges).
+Cached nars are sent with `sendfile` (aiohttp's FileResponse, which also serves HTTP ranges),
+and so are the contents of big files in uncompressed nars (`narstream`).  Narinfo answers are
+remembered by hash part (`memo`); `cli` runs one such server process per core.  uvloop is used
+when installed.
 Beyond upstream: HTTP Range on uncompressed nars, `/metrics` (Prometheus text) and `/health`;
 `/` is our own landing page (key, commands and NixOS snippet for this server's URL), and
 `/signing-key.pub` serves the key narinfos are signed with (upstream: `<conf>/signing-key.pub`).
@@ -13,8 +16,10 @@ Beyond upstream: HTTP Range on uncompressed nars, `/metrics` (Prometheus text) a
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import html
+import itertools
 import os
 import re
 import socket
@@ -36,6 +41,7 @@ from guixsvc.protocol.client import DaemonClient, DaemonError, default_socket
 from guixsvc.publish.cli import PublishOptions
 from guixsvc.publish.compression import compressor
 from guixsvc.publish.memo import NarinfoMemo, item_signature
+from guixsvc.publish.narstream import FileRegion, nar_parts, send_file_region
 from guixsvc.store import base32, nar
 from guixsvc.store.config import StoreConfig
 from guixsvc.store.narinfo import render_narinfo
@@ -80,11 +86,10 @@ class Metrics:
     def observe(self, route: str, status: int, seconds: float) -> None:
         key = (route, status)
         self.requests[key] = self.requests.get(key, 0) + 1
-        counts = self.buckets.setdefault(route, [0] * (len(_LATENCY_BUCKETS) + 1))
-        for i, bound in enumerate(_LATENCY_BUCKETS):
-            if seconds <= bound:
-                counts[i] += 1
-        counts[-1] += 1
+        counts = self.buckets.get(route)
+        if counts is None:
+            counts = self.buckets[route] = [0] * (len(_LATENCY_BUCKETS) + 1)
+        counts[bisect.bisect_left(_LATENCY_BUCKETS, seconds)] += 1  # cumulated in render
         self.sums[route] = self.sums.get(route, 0.0) + seconds
 
     def sent(self, route: str, n: int) -> None:
@@ -113,7 +118,8 @@ class Metrics:
             "# HELP guix_publish_request_seconds Request handling latency.",
             "# TYPE guix_publish_request_seconds histogram",
         ]
-        for route, counts in sorted(self.buckets.items()):
+        for route, per_bucket in sorted(self.buckets.items()):
+            counts = list(itertools.accumulate(per_bucket))
             name = "guix_publish_request_seconds"
             for bound, n in zip(_LATENCY_BUCKETS, counts, strict=False):
                 out.append(f'{name}_bucket{{route="{route}",le="{bound}"}} {n}')
@@ -610,6 +616,8 @@ class PublishServer:
                 skip, length, status = rng[0], rng[1] - rng[0] + 1, 206
                 headers["Content-Range"] = f"bytes {rng[0]}-{rng[1]}/{info.nar_size}"
         loop = asyncio.get_running_loop()
+        if kind == "none" and status == 200 and request.transport is not None:
+            return await self.send_nar_plain(request, info, headers)
         try:
             producer = await loop.run_in_executor(
                 self.io, NarProducer, info.path, kind, level, skip
@@ -637,6 +645,48 @@ class PublishServer:
             self.log.write(f"-> {request.method} {request.path}: client went away\n")
         finally:
             await loop.run_in_executor(self.io, producer.close)
+            self.metrics.sent("nar", sent)
+        return response
+
+    async def send_nar_plain(
+        self, request: web.Request, info: ItemInfo, headers: dict[str, str]
+    ) -> web.StreamResponse:
+        """A whole uncompressed NAR: framing and small files written, big files' contents
+        sent with sendfile (`narstream`)."""
+        loop = asyncio.get_running_loop()
+        parts = nar_parts(info.path)
+        try:
+            first = await loop.run_in_executor(self.io, next, parts, None)
+        except (OSError, nar.NarError):
+            parts.close()
+            return self.not_found(request)
+        response = web.StreamResponse(status=200, headers=headers)
+        response.content_length = info.nar_size
+        await response.prepare(request)
+        sent = 0
+        part = first
+        try:
+            while part is not None:
+                if isinstance(part, FileRegion):
+                    transport = request.transport
+                    if transport is None:
+                        raise ConnectionResetError("connection lost")
+                    await send_file_region(transport, part)
+                    sent += part.size
+                else:
+                    await response.write(part)
+                    sent += len(part)
+                part = await loop.run_in_executor(self.io, next, parts, None)
+            await response.write_eof()
+        except ConnectionError:
+            self.log.write(f"-> {request.method} {request.path}: client went away\n")
+        except (OSError, nar.NarError) as exc:
+            # Headers are out: all we can do is cut the connection short.
+            sys.stderr.write(f"guix publish: warning: '{info.path}': {exc}\n")
+            if request.transport is not None:
+                request.transport.close()
+        finally:
+            await loop.run_in_executor(self.io, parts.close)
             self.metrics.sent("nar", sent)
         return response
 
@@ -870,9 +920,22 @@ class PublishServer:
             for kind, _ in self.opts.compressions:
                 os.makedirs(os.path.join(self.opts.cache, kind), exist_ok=True)
             os.makedirs(os.path.join(self.opts.cache, "hashes"), exist_ok=True)
-        asyncio.run(self.serve(sock))
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+            runner.run(self.serve(sock))
         self.io.shutdown(wait=False, cancel_futures=True)
         self.bakers.shutdown(wait=False, cancel_futures=True)
+
+
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop when it is installed (optional dependency: faster transports and
+    sendfile), unless `GUIXSVC_PUBLISH_LOOP=asyncio`; None means asyncio's default loop."""
+    if os.environ.get("GUIXSVC_PUBLISH_LOOP") == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop  # type: ignore[no-any-return]
 
 
 class _RawFileResponse(web.FileResponse):
@@ -881,6 +944,17 @@ class _RawFileResponse(web.FileResponse):
 
     def _get_file_path_stat_encoding(self, accept_encoding: str) -> Any:
         return super()._get_file_path_stat_encoding("")
+
+    async def _sendfile(self, request: web.BaseRequest, fobj: Any, offset: int, count: int) -> Any:
+        # aiohttp's own path needs the loop's native sendfile, which uvloop lacks (it then
+        # copies through Python); `send_file_region` works on either loop.
+        writer = await web.StreamResponse.prepare(self, request)
+        transport = request.transport
+        if transport is None:
+            raise ConnectionResetError("connection lost")
+        await send_file_region(transport, FileRegion(fobj.fileno(), count, str(self._path), offset))
+        await web.StreamResponse.write_eof(self)
+        return writer
 
 
 def _umask() -> int:
