@@ -290,3 +290,17 @@ def test_offload_test_and_status_commands(cluster2: Cluster) -> None:
     assert f"guix offload: error: server at '{m0.name}' returned a host key other than" in r.stderr
     r = _offload_cli(c, "test", machines, "x", "y")
     assert (r.returncode, r.stderr) == (1, "guix offload: error: wrong number of arguments\n")
+
+
+def test_scheme_code_in_machines_file_is_reported_and_ignored(cluster2: Cluster) -> None:
+    c = cluster2
+    (c.local.conf / "machines.scm").write_text(
+        '(define host "127.0.0.2")\n(list (build-machine (name host)))\n'
+    )
+    b = c.connect()
+    drv, outs = b.derivation("badconf", "echo local > $out")
+    b.client.build_paths([drv])
+    log = "".join(c.logs)
+    machines = c.local.conf / "machines.scm"
+    assert f"guix offload: error: {machines}:1:0: `(define ...)' is Scheme code" in log
+    assert c.offloaded_to(drv) == [] and Path(outs["out"]).read_text() == "local\n"
