@@ -864,13 +864,13 @@ class PublishServer:
 
     # -- running ---------------------------------------------------------------------------
 
-    def make_app(self) -> web.Application:
-        app = web.Application(client_max_size=1 << 16)
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        return app
+    def make_server(self) -> web.Server:
+        """aiohttp's low-level server: every request goes to `handle` (our own dispatch),
+        without an Application's router and middleware machinery."""
+        return web.Server(self.handle, access_log=None)  # type: ignore[arg-type]
 
     async def serve(self, sock: socket.socket, stop: asyncio.Event | None = None) -> None:
-        runner = web.AppRunner(self.make_app(), access_log=None, handle_signals=False)
+        runner = web.ServerRunner(self.make_server(), handle_signals=False)
         await runner.setup()
         site = web.SockSite(runner, sock, shutdown_timeout=1.0)
         await site.start()
