@@ -72,6 +72,7 @@ class Job:
     """What the child needs: everything read from the database beforehand."""
 
     machine: BuildMachine
+    transport: Transport  # the machine's open session (`_session`)
     store_dir: str
     drv_path: str
     outputs: list[str]
@@ -87,6 +88,7 @@ class Job:
 class _Active:
     machine: BuildMachine
     slot: Slot
+    transport: Transport
 
     def close(self) -> None:
         self.slot.release()
@@ -168,7 +170,15 @@ class Offloader:
                 self.postponed = True
                 return "postpone"
             return "decline"
-        active = _Active(choice.machine, choice.slot)
+        try:
+            transport = _session(choice.machine, w.store_dir)
+        except TransportError as exc:
+            # Upstream `choose-build-machine`: a machine that cannot be reached is skipped.
+            w.msg(LVL_ERROR, str(exc))
+            self.down.add(choice.machine.name)
+            choice.slot.release()
+            return self._decide(g, willing=willing)
+        active = _Active(choice.machine, choice.slot, transport)
         try:
             self._start(g, active)
         except BaseException:
@@ -195,6 +205,7 @@ class Offloader:
         machine = active.machine
         job = Job(
             machine=machine,
+            transport=active.transport,
             store_dir=w.store_dir,
             drv_path=g.drv_path,
             outputs=list(g.missing),
@@ -267,6 +278,8 @@ class Offloader:
                 sandbox.remove_tree(p)
         code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
         name = active.machine.name
+        if code != EXIT_PERMANENT and code != EXIT_UNSUITABLE:
+            _drop_session(active.machine)  # the next build opens a fresh connection
         if code in (EXIT_UNSUITABLE, EXIT_UNREACHABLE):
             # Upstream's `choose-build-machine` would have moved on to the next machine.
             if code == EXIT_UNREACHABLE:
@@ -295,6 +308,43 @@ class Offloader:
         self.asked.pop(g.drv_path, None)
         w._cleanup(g, failed=True)
         return True
+
+
+#: Open SSH sessions of this worker process, by machine, with their last use: one connection
+#: serves the status queries and the daemon connections of many builds (about 0.3 s of SSH
+#: handshake saved per build).  Idle ones are closed after SESSION_IDLE seconds.
+_SESSIONS: dict[tuple[object, ...], tuple[Transport, float]] = {}
+SESSION_IDLE = 120.0
+
+
+def _session_key(m: BuildMachine) -> tuple[object, ...]:
+    return (m.name, m.port, m.user, m.host_key, m.key_file, m.daemon_socket, m.compression)
+
+
+def _session(machine: BuildMachine, store_dir: str) -> Transport:
+    now = time.monotonic()
+    for key, (t, used) in list(_SESSIONS.items()):
+        if now - used > SESSION_IDLE or not t.alive():
+            t.close()
+            del _SESSIONS[key]
+    key = _session_key(machine)
+    if key in _SESSIONS:
+        t = _SESSIONS[key][0]
+    else:
+        t = Transport(machine, timeout=SHORT_TIMEOUT)
+        try:
+            t.open(store_dir)
+        except BaseException:
+            t.close()
+            raise
+    _SESSIONS[key] = (t, now)
+    return t
+
+
+def _drop_session(machine: BuildMachine) -> None:
+    entry = _SESSIONS.pop(_session_key(machine), None)
+    if entry is not None:
+        entry[0].close()
 
 
 def _topological(infos: dict[str, ValidPathInfo]) -> list[ValidPathInfo]:
@@ -457,10 +507,10 @@ def run_job(job: Job, log_fd: int) -> int:
         with contextlib.suppress(OSError):
             out.write(text.encode("utf-8", "surrogateescape"))
 
-    transport = Transport(job.machine, timeout=SHORT_TIMEOUT)
+    transport = job.transport
     try:
         try:
-            status = transport.status(job.store_dir)
+            status = transport.refresh(job.store_dir)
         except TransportError as exc:
             log(f"{exc}\n")
             return EXIT_UNREACHABLE
@@ -510,6 +560,5 @@ def run_job(job: Job, log_fd: int) -> int:
     except (OSError, EOFError, ProtocolError, nar.NarError) as exc:
         detail = transport.stderr_text()
         log(f"guix offload: error: connection to '{name}' lost: {detail or exc}\n")
-    finally:
-        transport.close()
+    # The session belongs to the worker, which keeps it for the next builds or drops it.
     return EXIT_TRANSIENT

@@ -18,6 +18,7 @@ Linux build machine, Guix System or not, answers.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import select
 import shutil
@@ -59,6 +60,24 @@ class _SocketClient(DaemonClient):
         self.version = CLIENT_VERSION
         self.log = log
         self._handshake(True)
+
+
+def _parse_status(lines: list[str]) -> RemoteStatus:
+    load = 1.0
+    try:
+        one = float(lines[0].split()[0])
+        cores = max(int(lines[1]), 1)
+        load = min(one / cores, 1.0)
+    except (IndexError, ValueError):
+        load = 1.0  # a misbehaving node counts as fully loaded, as upstream
+    free: int | None = None
+    with contextlib.suppress(IndexError, ValueError):
+        free = int(lines[2].split()[3]) * 1024
+    uname = lines[3].split() if len(lines) > 3 else []
+    now: float | None = None
+    with contextlib.suppress(IndexError, ValueError):
+        now = float(lines[4])
+    return RemoteStatus(load, free, uname, now)
 
 
 @dataclass
@@ -175,13 +194,14 @@ class Transport:
 
     def open(self, store_dir: str) -> None:
         """One SSH session: the remote daemon socket forwarded to `self.local_socket`
-        (`-L`), and a remote shell that prints the machine's status then waits on its
-        standard input, which keeps the session (and the forwarding) open until `close`."""
+        (`-L`), and a remote shell that prints the machine's status each time it reads a line
+        (`refresh`); its standard input keeps the session, and the forwarding, open until
+        `close`, so one connection can serve many builds."""
         local = self.local_socket
         command = (
-            "cat /proc/loadavg; nproc; "
+            "while read _; do cat /proc/loadavg; nproc; "
             f"df -Pk '{store_dir}' 2>/dev/null | tail -n 1 | grep . || echo; uname -srnm; "
-            f"date +%s; echo {_END}; exec cat >/dev/null"
+            f"date +%s; echo {_END}; done"
         )
         err_r, err_w = os.pipe()
         try:
@@ -202,40 +222,52 @@ class Transport:
         self.procs.append(proc)
         self.session = proc
         self._stderr_fd = err_r
-        assert proc.stdout is not None
-        out = b""
         deadline = time.monotonic() + self.timeout + 5
-        fd = proc.stdout.fileno()
-        while _END.encode() not in out:
-            left = deadline - time.monotonic()
-            ready = select.select([fd], [], [], max(left, 0))[0] if left > 0 else []
-            chunk = os.read(fd, 4096) if ready else b""
-            if not chunk:
-                if proc.poll() is None:
-                    proc.kill()
-                proc.wait()
-                raise self._failure(self._read_stderr())
-            out += chunk
-        lines = out.decode(errors="replace").splitlines()
-        load = 1.0
-        try:
-            one = float(lines[0].split()[0])
-            cores = max(int(lines[1]), 1)
-            load = min(one / cores, 1.0)
-        except (IndexError, ValueError):
-            load = 1.0  # a misbehaving node counts as fully loaded, as upstream
-        free: int | None = None
-        with contextlib.suppress(IndexError, ValueError):
-            free = int(lines[2].split()[3]) * 1024
-        uname = lines[3].split() if len(lines) > 3 else []
-        now: float | None = None
-        with contextlib.suppress(IndexError, ValueError):
-            now = float(lines[4])
-        self._status = RemoteStatus(load, free, uname, now)
+        self._status = self._query(deadline)
         while not os.path.exists(local):  # the listener is set up before the session
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise self._failure(self._read_stderr())
             time.sleep(0.005)
+
+    def refresh(self, store_dir: str) -> RemoteStatus:
+        """The machine's status now, through the open session (opened first if need be).  Safe
+        to call from several processes sharing the session (a lock file serialises them)."""
+        if self.session is None:
+            self.open(store_dir)
+            assert self._status is not None
+            return self._status
+        fd = os.open(os.path.join(self._dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+            self._status = self._query(time.monotonic() + self.timeout)
+            return self._status
+        finally:
+            os.close(fd)
+
+    def alive(self) -> bool:
+        return self.session is not None and self.session.poll() is None
+
+    def _query(self, deadline: float) -> RemoteStatus:
+        proc = self.session
+        assert proc is not None and proc.stdin is not None and proc.stdout is not None
+        out = b""
+        fd = proc.stdout.fileno()
+        try:
+            os.write(proc.stdin.fileno(), b"\n")
+            while _END.encode() not in out:
+                left = deadline - time.monotonic()
+                ready = select.select([fd], [], [], max(left, 0))[0] if left > 0 else []
+                chunk = os.read(fd, 4096) if ready else b""
+                if not chunk:
+                    raise OSError("no answer")
+                out += chunk
+        except OSError:
+            with contextlib.suppress(OSError):
+                proc.kill()
+            with contextlib.suppress(Exception):
+                proc.wait(1)
+            raise self._failure(self._read_stderr()) from None
+        return _parse_status(out.decode(errors="replace").splitlines())
 
     def connect_daemon(
         self, log: Callable[[str], None] | None = None, store_dir: str = "/gnu/store"
