@@ -624,3 +624,29 @@ exit 1
     assert _unsafe_entries(str(kept), owner=65534) == []
     assert os.readlink(kept / "shadow") == "/etc/shadow"
     assert os.stat("/etc/shadow").st_uid == 0
+
+
+@pytest.mark.parametrize("how", ["exit", "timeout"])
+def test_failed_output_built_in_place_is_made_safe(
+    make_builds: Callable[..., Builds], how: str
+) -> None:
+    """Without the chroot the builder writes its outputs in the store itself: when it fails or
+    times out, what it left there loses set-id bits and group/world write permission and
+    belongs to the daemon, not to the build user."""
+    b = make_builds("--disable-chroot", *(["--timeout=2"] if how == "timeout" else []))
+    bb = b.busybox + "/bin/busybox"
+    end = "exit 1" if how == "exit" else f"{bb} sleep 1004"
+    script = f"""
+{bb} mkdir -p $out/sub
+{bb} cp {bb} $out/sh
+{bb} chmod 0777 $out $out/sub $out/sh
+{bb} mkdir -m 2777 $out/sgid
+{end}
+"""
+    drv, outs = b.derivation("in-place-" + how, script)
+    with pytest.raises(DaemonError):
+        b.client.build_paths([drv])
+    out = outs["out"]
+    assert os.path.isdir(out) and not b.client.is_valid_path(out)
+    assert _unsafe_entries(out) == []
+    assert _pids_of("sleep 1004") == []

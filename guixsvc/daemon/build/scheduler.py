@@ -1037,6 +1037,9 @@ class Worker:
         if r.timed_out:
             self.msg(LVL_ERROR, r.timed_out)
             self.trace(f"@ build-failed {g.drv_path} - timeout")
+            if g.chroot is None:
+                # Built in place: what the builder left in the store is made safe too.
+                self._move_failed_outputs(g)
             self._cleanup(g, failed=True)
             self._done(g, Result.TIMED_OUT)
             return
