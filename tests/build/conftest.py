@@ -2,14 +2,15 @@
 
 Builds need root (namespaces, chroot, build users), so every test here skips otherwise.  Build
 users are a throw-away group with three members created with groupadd/useradd and removed at the
-end of the session.  The builder is Debian's static busybox (package busybox-static) put in the
-test store as a directory item `bin/busybox` + `bin/sh -> busybox`, so the chroot holds nothing
-but the closure of the inputs.
+end of the session (names unique to the session).  The builder is Debian's static busybox
+(package busybox-static) put in the test store as a directory item `bin/busybox` +
+`bin/sh -> busybox`, so the chroot holds nothing but the closure of the inputs.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -34,8 +35,10 @@ from guixsvc.store.derivation import (
 from guixsvc.store.paths import StoreDir
 from tests.conftest import Daemon, stop_daemon, store_env
 
-GROUP = "guixsvc-bld"
-USERS = [f"guixsvc-bld{i}" for i in range(1, 4)]
+#: Unique per test session: sessions running at the same time (several engineers, CI jobs)
+#: must not delete each other's build users while their builds run.
+GROUP = f"guixsvc-bld-{secrets.token_hex(3)}"
+USERS = [f"{GROUP}-{i}" for i in range(1, 4)]
 BUSYBOX = "/bin/busybox"
 
 

@@ -26,7 +26,7 @@ import pytest
 
 from guixsvc.daemon.build import seccomp
 from guixsvc.protocol.client import DaemonClient, DaemonError
-from tests.build.conftest import Builds, requires_root
+from tests.build.conftest import GROUP, Builds, requires_root
 
 pytestmark = requires_root
 
@@ -88,7 +88,7 @@ def _no_build_leftovers(b: Builds) -> None:
     tmp = b.daemon.root / "tmp"
     assert [n for n in os.listdir(tmp) if n.startswith("guix-build-")] == []
     ps = subprocess.run(["ps", "-eo", "user:32,args"], capture_output=True, text=True).stdout
-    assert "guixsvc-bld" not in ps, ps
+    assert GROUP not in ps, ps
 
 
 # ------------------------------------------------------------------------------------------------
