@@ -53,6 +53,7 @@ def _arg_low(index: int) -> int:
 AUDIT_ARCH_X86_64 = 0xC000003E
 AUDIT_ARCH_I386 = 0x40000003
 AUDIT_ARCH_AARCH64 = 0xC00000B7
+AUDIT_ARCH_ARM = 0x40000028
 X32_SYSCALL_BIT = 0x40000000
 
 S_ISUID = 0o4000
@@ -106,8 +107,24 @@ _AARCH64 = _Table(
     },
 )  # fmt: skip
 
-#: The ABIs a builder may use, by host machine (`platform.machine()`).
-TABLES: dict[str, tuple[_Table, ...]] = {"x86_64": (_X86_64, _I386), "aarch64": (_AARCH64,)}
+# 32-bit ARM (EABI), for armhf-linux builds on aarch64 hosts.
+_ARM = _Table(
+    AUDIT_ARCH_ARM,
+    {
+        "open": (5, 2), "creat": (8, 1), "mknod": (14, 1), "chmod": (15, 1), "fchmod": (94, 1),
+        "openat": (322, 3), "mknodat": (324, 2), "fchmodat": (333, 2),
+        "fchmodat2": (452, 2), "openat2": (437, None),
+        "setxattr": (226, None), "lsetxattr": (227, None), "fsetxattr": (228, None),
+        "getxattr": (229, None), "lgetxattr": (230, None), "fgetxattr": (231, None),
+    },
+)  # fmt: skip
+
+#: The ABIs a builder may use, by host machine (`platform.machine()`): i686-linux builds run
+#: on x86_64 and armhf-linux builds on aarch64 (`can_build_locally`).
+TABLES: dict[str, tuple[_Table, ...]] = {
+    "x86_64": (_X86_64, _I386),
+    "aarch64": (_AARCH64, _ARM),
+}
 
 
 def _insn(code: int, jt: int, jf: int, k: int) -> bytes:
