@@ -650,3 +650,29 @@ def test_failed_output_built_in_place_is_made_safe(
     assert os.path.isdir(out) and not b.client.is_valid_path(out)
     assert _unsafe_entries(out) == []
     assert _pids_of("sleep 1004") == []
+
+
+def test_fixed_output_without_slirp4netns_has_no_network(
+    make_builds: Callable[..., Builds], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Upstream: without slirp4netns the build goes on without network access, never in the
+    host's network namespace."""
+    listener = _Listener("127.0.0.1")
+    monkeypatch.setenv("PATH", str(tmp_path))  # the daemon finds no slirp4netns
+    try:
+        b = make_builds(verbosity=1)
+        bb = b.busybox + "/bin/busybox"
+        drv, _ = b.derivation(
+            "no-slirp",
+            f"{bb} nc -w 2 127.0.0.1 {listener.port} </dev/null; "
+            f"echo ifaces=$({bb} tail -n +3 /proc/net/dev | {bb} cut -d: -f1 | {bb} tr -d ' '); "
+            "echo done > $out",
+            fixed=("sha256", hashlib.sha256(b"done\n").hexdigest()),
+        )
+        b.client.build_paths([drv])
+    finally:
+        listener.close()
+    log = "".join(b.logs)
+    assert "`slirp4netns' can't be found in PATH, network access disabled\n" in log
+    assert listener.connections == 0
+    assert "ifaces=lo\n" in log
