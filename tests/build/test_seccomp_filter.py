@@ -83,3 +83,52 @@ def test_foreign_abis_are_killed() -> None:
 
 def test_unknown_host_gets_no_filter() -> None:
     assert seccomp.build_filter("riscv64") is None
+
+
+@pytest.mark.parametrize("machine", ["x86_64", "aarch64"])
+def test_slirp_filter_program(machine: str) -> None:
+    program = seccomp.build_slirp_filter(machine)
+    assert program is not None
+    arch, nr = seccomp._SYS_SOCKET[machine]
+    assert errno_of(run(program, arch, nr, (seccomp.AF_UNIX, 1, 0))) == errno.EPERM
+    assert run(program, arch, nr, (2, 1, 0)) == ALLOW  # AF_INET
+    assert run(program, arch, nr, (10, 2, 0)) == ALLOW  # AF_INET6
+    assert run(program, arch, nr + 1, (seccomp.AF_UNIX,)) == ALLOW
+    assert run(program, seccomp.AUDIT_ARCH_I386, 1) == KILL
+
+
+@pytest.mark.skipif(seccomp.build_slirp_filter() is None, reason="no filter for this host")
+def test_slirp_filter_in_a_real_process() -> None:
+    """What slirp4netns runs under: no Unix socket (so no abstract socket of the host), but
+    IP sockets and socketpair work."""
+    import os
+    import socket
+
+    program = seccomp.build_slirp_filter()
+    assert program is not None
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        os.close(r)
+        results = []
+        try:
+            seccomp.slirp_preexec(program)
+            for family in (socket.AF_UNIX, socket.AF_INET):
+                try:
+                    socket.socket(family, socket.SOCK_STREAM).close()
+                    results.append("ok")
+                except OSError as exc:
+                    results.append(errno.errorcode[exc.errno or 0])
+            a, b = socket.socketpair()
+            a.close()
+            b.close()
+            results.append("pair")
+        except BaseException as exc:
+            results.append(repr(exc))
+        os.write(w, ",".join(results).encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        text = f.read()
+    os.waitpid(pid, 0)
+    assert text == "EPERM,ok,pair"

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from guixsvc.daemon.build import builtins, environment, outputs, sandbox
+from guixsvc.daemon.build import builtins, environment, outputs, sandbox, seccomp
 from guixsvc.daemon.build.logs import BuildLog
 from guixsvc.daemon.build.outputs import BuildError, NotDeterministic, show_paths
 from guixsvc.protocol.ops import BuildMode
@@ -1333,7 +1333,9 @@ class _Slirp:
 
         As root it enters the namespace itself (`--netns-type=pid`); `--enable-sandbox` puts it
         in its own mount namespace without capabilities, `--enable-seccomp` restricts its
-        system calls; `--exit-fd` ties its life to this worker."""
+        system calls, and our own filter keeps it from creating Unix sockets (the host's
+        abstract ones are in its network namespace); `--exit-fd` ties its life to this
+        worker."""
         ready_r, ready_w = os.pipe()
         exit_r, exit_w = os.pipe()
         args = [program, "--enable-sandbox", "--enable-seccomp", f"--ready-fd={ready_w}",
@@ -1341,10 +1343,12 @@ class _Slirp:
         if not host_loopback:
             args.append("--disable-host-loopback")
         args += [str(pid), sandbox.TAP_NAME]
+        program = seccomp.build_slirp_filter()
         try:
             proc = subprocess.Popen(
                 args,
                 pass_fds=(ready_w, exit_r),
+                preexec_fn=None if program is None else lambda: seccomp.slirp_preexec(program),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,

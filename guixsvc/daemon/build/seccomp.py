@@ -251,3 +251,45 @@ def confine_builder() -> None:
     program = build_filter()
     if program is not None:
         install_filter(program)
+
+
+# ------------------------------------------------------------------------------------------------
+# slirp4netns
+
+AF_UNIX = 1
+_SYS_SOCKET = {"x86_64": (AUDIT_ARCH_X86_64, 41), "aarch64": (AUDIT_ARCH_AARCH64, 198)}
+
+
+def build_slirp_filter(machine: str | None = None) -> bytes | None:
+    """For slirp4netns, which stays in the host's network namespace: `socket(AF_UNIX, ...)`
+    fails with EPERM, so even a compromised slirp4netns cannot reach the host's abstract Unix
+    sockets (upstream's `slirpSeccompFilter` allows only AF_INET/AF_INET6 sockets).
+    `socketpair`, which slirp4netns 1.2 uses to pass the tap descriptor, creates a connected
+    pair and reaches nobody.  Other ABIs are killed."""
+    entry = _SYS_SOCKET.get(machine or platform.machine())
+    if entry is None:
+        return None
+    arch, nr = entry
+    prog = [
+        _insn(BPF_LD_W_ABS, 0, 0, OFF_ARCH),
+        _insn(BPF_JEQ_K, 1, 0, arch),
+        _insn(BPF_RET_K, 0, 0, SECCOMP_RET_KILL_PROCESS),
+        _insn(BPF_LD_W_ABS, 0, 0, OFF_NR),
+    ]
+    if arch == AUDIT_ARCH_X86_64:
+        prog.append(_insn(BPF_JGE_K, 0, 1, X32_SYSCALL_BIT))
+        prog.append(_insn(BPF_RET_K, 0, 0, _errno(errno.ENOSYS)))
+    prog += [
+        _insn(BPF_JEQ_K, 0, 3, nr),
+        _insn(BPF_LD_W_ABS, 0, 0, _arg_low(0)),
+        _insn(BPF_JEQ_K, 0, 1, AF_UNIX),
+        _insn(BPF_RET_K, 0, 0, _errno(errno.EPERM)),
+        _insn(BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW),
+    ]
+    return b"".join(prog)
+
+
+def slirp_preexec(program: bytes) -> None:
+    """`preexec_fn` for slirp4netns: no_new_privs and `program` (built in the parent)."""
+    set_no_new_privs()
+    install_filter(program)
