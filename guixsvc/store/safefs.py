@@ -131,7 +131,14 @@ def _path_fd(name: str, dir_fd: int, st: os.stat_result, display: str) -> Iterat
     except OSError as e:
         raise SysError(f"opening `{display}'", e.errno) from e
     try:
-        if not _same(os.fstat(fd), st):
+        cur = os.fstat(fd)
+        # Device and inode, and (should the inode number have been reused after the entry was
+        # replaced) file type and owner must be those that were examined.
+        if (
+            not _same(cur, st)
+            or stat.S_IFMT(cur.st_mode) != stat.S_IFMT(st.st_mode)
+            or cur.st_uid != st.st_uid
+        ):
             raise TreeChanged(display)
         yield fd
     finally:
