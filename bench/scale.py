@@ -169,13 +169,13 @@ def main() -> int:
         shutil.rmtree(base, ignore_errors=True)
     first = results[sizes[0]]
     head = f"| {'valid paths':<20}|" + "|".join(f"{n:>12,} " for n in sizes)
-    head += "|" + "|".join(f" {n:,}/{sizes[0]:,}".rjust(14) + " " for n in sizes[1:]) + "|"
+    head += "|" + "|".join(f" {n:,}/{sizes[0]:,}".rjust(16) + " " for n in sizes[1:]) + "|"
     print(head)
     print("|" + "-" * 21 + "|" + "|".join("-" * 13 for _ in sizes) + "|"
-          + "|".join("-" * 15 for _ in sizes[1:]) + "|")  # fmt: skip
+          + "|".join("-" * 17 for _ in sizes[1:]) + "|")  # fmt: skip
     for key in first:
         line = f"| {key:<20}|" + "|".join(f"{results[n][key]:>12,.1f} " for n in sizes)
-        line += "|" + "|".join(f"{results[n][key] / first[key]:>14.2f} " for n in sizes[1:])
+        line += "|" + "|".join(f"{results[n][key] / first[key]:>16.2f} " for n in sizes[1:])
         print(line + "|")
     print(f"({args.dead:,} dead items added after the request timings, then listed and deleted)")
     return 0
