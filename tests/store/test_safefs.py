@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,15 @@ def _deep(top: Path, depth: int, name: str = "d") -> None:
                 os.symlink("/etc/passwd", "l", dir_fd=fd)
     finally:
         os.close(fd)
+
+
+@pytest.fixture(autouse=True)
+def _remove_deep_trees(tmp_path: Path) -> Iterator[None]:
+    """Pytest removes old temporary directories recursively (RecursionError on deep trees):
+    remove what the test made with safefs."""
+    yield
+    for name in os.listdir(tmp_path):
+        safefs.remove_tree(str(tmp_path / name))
 
 
 def _open_fds() -> int:
