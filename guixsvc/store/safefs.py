@@ -409,6 +409,7 @@ def remove_tree(
     with `unlinkat(AT_REMOVEDIR)` from its parent.  A symlink is removed, never its target;
     no path longer than one name is ever given to the kernel, so any depth works.  Entries
     swapped or added concurrently are dealt with by retrying (at most `retries` times).
+    Never descends into another file system (a mount point below the top fails with EXDEV).
     A missing tree frees nothing.  Returns the total size of the removed non-directories with
     at most `link_threshold` hard links (upstream `_deletePath`'s bytesFreed); raises SysError.
     """
@@ -429,9 +430,16 @@ def _remove(parent_fd: int, name: str, display: str, link_threshold: int, retrie
     freed = 0
     for _attempt in range(retries + 1):
         again = False
+        top_dev: int | None = None
         for node in walk(display, dir_fd=parent_fd, name=name, missing_ok=True, fix_access=True):
             if node.kind == ENTER:
                 assert node.fd is not None
+                if top_dev is None:
+                    top_dev = node.st.st_dev
+                elif node.st.st_dev != top_dev:
+                    # A mount point (a chroot's bind mount left behind, say): never delete
+                    # another file system's contents.
+                    raise SysError(f"cannot unlink `{node.path}'", errno.EXDEV)
                 mode = stat.S_IMODE(node.st.st_mode)
                 if mode & 0o700 != 0o700:
                     try:

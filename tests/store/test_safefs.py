@@ -187,3 +187,20 @@ def test_nar_within_bounds_parses() -> None:
     parser = nar.NarParser(nar.NullSink())
     assert parser.feed(bytes(out)) == len(out)
     assert parser.done
+
+
+def test_remove_tree_stops_at_a_mount_point(tmp_path: Path) -> None:
+    """A file system mounted below the tree (a chroot's left-over mount) is never emptied."""
+    import subprocess
+
+    mnt = tmp_path / "t" / "a" / "m"
+    mnt.mkdir(parents=True)
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "none", str(mnt)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        (mnt / "file").write_bytes(b"keep")
+        with pytest.raises(OSError, match="cross-device"):
+            safefs.remove_tree(str(tmp_path / "t"))
+        assert (mnt / "file").read_bytes() == b"keep"
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
