@@ -164,16 +164,15 @@ def secure_tree(path: str, owner: tuple[int, int] | None) -> None:
         if node.kind == safefs.LEAVE:
             continue
         st = node.st
-        if owner is not None and (st.st_uid, st.st_gid) != owner:
-            safefs.chown_node(node.name, node.parent_fd, st, owner[0], owner[1], node.path)
-        if stat.S_ISLNK(st.st_mode):
-            continue
+        # Mode first, then owner: safefs checks that the inode still has the owner it had
+        # when examined, and the set-id bits must be gone before anybody else owns the file.
         mode = stat.S_IMODE(st.st_mode)
-        # chown may have cleared the set-id bits already; chmod anyway when any bit is unsafe.
-        if mode & UNSAFE_BITS or owner is not None:
+        if not stat.S_ISLNK(st.st_mode) and mode & UNSAFE_BITS:
             safefs.chmod_node(
                 node.name, node.parent_fd, st, mode & ~UNSAFE_BITS, node.path, fd=node.fd
             )
+        if owner is not None and (st.st_uid, st.st_gid) != owner:
+            safefs.chown_node(node.name, node.parent_fd, st, owner[0], owner[1], node.path)
 
 
 def copy_fresh(src: str, dst: str) -> None:
