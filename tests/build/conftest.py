@@ -33,6 +33,7 @@ from guixsvc.store.derivation import (
     unparse_derivation,
 )
 from guixsvc.store.paths import StoreDir
+from guixsvc.store.safefs import remove_tree
 from tests.conftest import Daemon, stop_daemon, store_env
 
 #: Unique per test session: sessions running at the same time (several engineers, CI jobs)
@@ -94,8 +95,8 @@ def base_dir() -> Iterator[Path]:
     try:
         yield d
     finally:
-        subprocess.run(["chmod", "-R", "u+w", str(d)], capture_output=True)
-        shutil.rmtree(d, ignore_errors=True)
+        # Iterative and descriptor-relative: failed outputs may be deeper than PATH_MAX.
+        remove_tree(str(d))
 
 
 def start_build_daemon(root: Path, *extra: str) -> Daemon:
