@@ -129,6 +129,42 @@ class Metrics:
         return "\n".join(out) + "\n"
 
 
+class LineLog:
+    """The request log: buffered, flushed by the server every half second, and written to the
+    underlying descriptor in pieces of whole lines of at most PIPE_BUF bytes, so the lines of
+    several server processes sharing one stdout (a pipe to the journal) never interleave."""
+
+    PIECE = 4096
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self._parts: list[str] = []
+
+    def write(self, text: str) -> None:
+        self._parts.append(text)
+
+    def flush(self) -> None:
+        if not self._parts:
+            return
+        data = "".join(self._parts).encode("utf-8", "surrogateescape")
+        self._parts.clear()
+        try:
+            fd = self.stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            self.stream.write(data.decode("utf-8", "surrogateescape"))
+            self.stream.flush()
+            return
+        self.stream.flush()
+        view = memoryview(data)
+        while view:
+            cut = len(view)
+            if cut > self.PIECE:
+                nl = data.rfind(b"\n", len(data) - len(view), len(data) - len(view) + self.PIECE)
+                cut = nl + 1 - (len(data) - len(view)) if nl >= 0 else self.PIECE
+            written = os.write(fd, view[:cut])
+            view = view[written:]
+
+
 class DaemonPool:
     """Blocking daemon RPCs run on a few threads, each with its own connection."""
 
@@ -366,7 +402,7 @@ class PublishServer:
         self.narinfo_cache: OrderedDict[tuple[Any, ...], bytes] = OrderedDict()
         self.memo = NarinfoMemo(config.db_dir)
         self._narinfo_headers = {"Content-Type": NARINFO_TYPE, **self._cache_control(opts.ttl)}
-        self.log = sys.stdout
+        self.log = LineLog(sys.stdout)
 
     # -- helpers ---------------------------------------------------------------------------
 

@@ -193,3 +193,33 @@ def _is_zombie(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+def test_request_log_is_written_in_whole_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several processes share stdout: each write() must be whole lines of at most PIPE_BUF."""
+    from guixsvc.publish import server
+
+    pieces: list[bytes] = []
+
+    def fake_write(fd: int, data: memoryview) -> int:
+        n = min(len(data), 3000)  # short writes happen too
+        pieces.append(bytes(data[:n]))
+        return n
+
+    class Stream:
+        def fileno(self) -> int:
+            return 1
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr(server.os, "write", fake_write)
+    log = server.LineLog(Stream())
+    lines = [f"GET /{'x' * (i % 700)}.narinfo\n" for i in range(400)]
+    for line in lines:
+        log.write(line)
+    log.flush()
+    assert b"".join(pieces) == "".join(lines).encode()
+    assert all(len(p) <= 4096 for p in pieces)
+    full = [p for p in pieces if len(p) < 3000]  # not cut short by the fake write
+    assert full and all(p.endswith(b"\n") for p in full)
