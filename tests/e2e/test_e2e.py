@@ -20,7 +20,7 @@ import pytest
 
 from tests.e2e import harness, image
 from tests.e2e.machine import Machine
-from tests.e2e.scenarios import daemon_socket, gc_timer, publish_substitute
+from tests.e2e.scenarios import daemon_socket, daemon_switch, gc_timer, publish_substitute
 from tests.e2e.scenarios._lib import ScenarioSkipped
 
 pytestmark = pytest.mark.skipif(
@@ -111,6 +111,14 @@ def test_daemon_socket_activation(machines: Callable[..., Machine]) -> None:
     TIMINGS["daemon boot"] = round(machine.timings["boot"], 2)
     busybox = harness.BUSYBOX if harness.find_busybox() else None
     _run(lambda: daemon_socket.run(machine, busybox=busybox), "scenario daemon")
+
+
+def test_daemon_switch(machines: Callable[..., Machine]) -> None:
+    """A changed daemon flag applied as `nixos-rebuild switch` does: nothing dropped or killed."""
+    machine = machines("switch")
+    machine.start()
+    busybox = harness.BUSYBOX if harness.find_busybox() else None
+    _run(lambda: daemon_switch.run(machine, busybox=busybox), "scenario switch")
 
 
 def test_publish_substitutes(machines: Callable[..., Machine]) -> None:

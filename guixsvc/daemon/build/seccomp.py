@@ -59,6 +59,7 @@ X32_SYSCALL_BIT = 0x40000000
 S_ISUID = 0o4000
 S_ISGID = 0o2000
 
+KEYCTL_GET_KEYRING_ID = 0
 KEYCTL_JOIN_SESSION_KEYRING = 1
 KEYCTL_CLEAR = 7
 KEYCTL_GET_PERSISTENT = 22
@@ -222,8 +223,22 @@ def join_fresh_session_keyring() -> None:
     try:
         keyctl(KEYCTL_JOIN_SESSION_KEYRING, 0)
     except OSError as exc:
-        if exc.errno not in (errno.ENOSYS, errno.EOPNOTSUPP):
-            raise
+        if exc.errno in (errno.ENOSYS, errno.EOPNOTSUPP):
+            return
+        # A container manager may filter the keyring calls out (systemd-nspawn answers EPERM):
+        # then no process of ours, builders included, can reach any keyring, which is what a
+        # fresh one is for.  Go on only when even looking the session keyring up is refused.
+        if exc.errno == errno.EPERM and not _keyrings_reachable():
+            return
+        raise
+
+
+def _keyrings_reachable() -> bool:
+    try:
+        keyctl(KEYCTL_GET_KEYRING_ID, KEY_SPEC_SESSION_KEYRING, 0)
+    except OSError as exc:
+        return exc.errno not in (errno.EPERM, errno.ENOSYS, errno.EOPNOTSUPP)
+    return True
 
 
 def clear_user_keyrings() -> None:
