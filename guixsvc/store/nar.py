@@ -18,6 +18,7 @@ import errno
 import os
 import stat
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 from guixsvc.store.hashes import new_hasher
@@ -149,15 +150,26 @@ def _read_exactly(fd: int, size: int, path: bytes) -> Iterator[bytes]:
         yield chunk
 
 
-def dump(path: str | os.PathLike[str] | bytes) -> Iterator[bytes]:
-    """Serialise the file system object at `path` as a NAR, as a stream of byte chunks.
+@dataclass(frozen=True)
+class FileRegion:
+    """`size` bytes of the open file `fd` from `offset`, a big file's contents inside a NAR.
 
-    Directory entries are sorted bytewise; file contents are read in chunks of 1 MiB, and small
-    tokens and small files are batched into chunks of about 256 KiB.  Raises NarError for file
-    types NAR cannot represent (`file `X' has an unsupported type`) and OSError for I/O errors.
-    The tree is walked by `safefs.walk`: relative to directory descriptors, never following a
-    symlink, without recursion, so neither depth nor path length (beyond PATH_MAX) is limited.
-    """
+    The descriptor belongs to `nar_parts` and stays open only until the generator is resumed."""
+
+    fd: int
+    size: int
+    path: str
+    offset: int = 0
+
+
+def nar_parts(path: str | os.PathLike[str] | bytes) -> Iterator[bytes | FileRegion]:
+    """The NAR of `path` as framing bytes and, for regular files above 64 KiB, file regions.
+
+    Put together (regions read in full) the parts are exactly `dump(path)`; `guix publish`
+    hands the regions to the kernel with `sendfile`.  Small tokens and small files are batched
+    into chunks of about 256 KiB.  The tree is walked by `safefs.walk`: relative to directory
+    descriptors, never following a symlink, without recursion, so neither depth nor path length
+    is limited; a file replaced or resized during the walk raises TreeChanged."""
     buf = bytearray(_HEADER)
     for node in walk(os.fsdecode(path), sort=True):
         kind, depth = node.kind, node.depth
@@ -186,16 +198,15 @@ def dump(path: str | os.PathLike[str] | bytes) -> Iterator[bytes]:
                 fd = open_nofollow(node.name, node.parent_fd)
                 try:
                     fst = os.fstat(fd)
-                    if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
+                    if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino) or fst.st_size != size:
                         raise TreeChanged(node.path)
-                    display = os.fsencode(node.path)
                     if size <= _SMALL_FILE:
-                        for chunk in _read_exactly(fd, size, display):
+                        for chunk in _read_exactly(fd, size, os.fsencode(node.path)):
                             buf += chunk
                     else:
                         yield bytes(buf)
                         buf.clear()
-                        yield from _read_exactly(fd, size, display)
+                        yield FileRegion(fd, size, node.path)
                 finally:
                     os.close(fd)
                 buf += _ZEROS[: _pad_len(size)]
@@ -211,6 +222,20 @@ def dump(path: str | os.PathLike[str] | bytes) -> Iterator[bytes]:
             buf.clear()
     if buf:
         yield bytes(buf)
+
+
+def dump(path: str | os.PathLike[str] | bytes) -> Iterator[bytes]:
+    """Serialise the file system object at `path` as a NAR, as a stream of byte chunks.
+
+    Directory entries are sorted bytewise; big files' contents are read in chunks of 1 MiB (see
+    `nar_parts` for the walk and batching).  Raises NarError for file types NAR cannot represent
+    (`file `X' has an unsupported type`) and OSError for I/O errors.
+    """
+    for part in nar_parts(path):
+        if isinstance(part, FileRegion):
+            yield from _read_exactly(part.fd, part.size, os.fsencode(part.path))
+        else:
+            yield part
 
 
 def hash_path(path: str | os.PathLike[str] | bytes, algo: str = "sha256") -> tuple[bytes, int]:
