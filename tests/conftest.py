@@ -167,3 +167,14 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
     finally:
         stop_daemon(d)
         assert d.process.returncode == 0, d.stderr()
+
+
+def recv_exact(s: socket.socket, n: int) -> bytes:
+    """Up to `n` bytes from `s`: fewer only when the peer closed the connection."""
+    data = b""
+    while len(data) < n:
+        chunk = s.recv(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data

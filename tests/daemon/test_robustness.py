@@ -18,7 +18,14 @@ from guixsvc.protocol.client import DaemonClient, DaemonError
 from guixsvc.protocol.ops import WORKER_MAGIC_1, Op, Stderr
 from guixsvc.protocol.wire import encode_int, encode_string
 from guixsvc.store import nar
-from tests.conftest import Daemon, launcher_env_flags, start_daemon, stop_daemon, store_env
+from tests.conftest import (
+    Daemon,
+    launcher_env_flags,
+    recv_exact,
+    start_daemon,
+    stop_daemon,
+    store_env,
+)
 
 
 def raw_session(daemon: Daemon) -> socket.socket:
@@ -30,16 +37,6 @@ def raw_session(daemon: Daemon) -> socket.socket:
     s.sendall(encode_int(0x163) + encode_int(0) + encode_int(0))
     assert int.from_bytes(recv_exact(s, 8), "little") == Stderr.LAST
     return s
-
-
-def recv_exact(s: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = s.recv(n - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 def read_error(s: socket.socket) -> str:

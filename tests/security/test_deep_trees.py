@@ -22,7 +22,7 @@ from guixsvc.protocol.ops import WORKER_MAGIC_1, GCAction, Op, Stderr
 from guixsvc.protocol.wire import encode_int, encode_string
 from guixsvc.store import nar
 from guixsvc.store.safefs import walk
-from tests.conftest import Daemon, start_daemon, stop_daemon
+from tests.conftest import Daemon, recv_exact, start_daemon, stop_daemon
 from tests.security.conftest import Attacker, snapshot, store_junk
 
 
@@ -77,9 +77,9 @@ def _raw_add(sock: str, name: str, data: bytes, cut: int | None) -> str:
     s.connect(sock)
     s.settimeout(60)
     s.sendall(encode_int(WORKER_MAGIC_1))
-    _recv(s, 16)
+    recv_exact(s, 16)
     s.sendall(encode_int(0x163) + encode_int(0) + encode_int(0))
-    assert int.from_bytes(_recv(s, 8), "little") == Stderr.LAST
+    assert int.from_bytes(recv_exact(s, 8), "little") == Stderr.LAST
     s.sendall(
         encode_int(Op.ADD_TO_STORE)
         + encode_string(name)
@@ -92,22 +92,12 @@ def _raw_add(sock: str, name: str, data: bytes, cut: int | None) -> str:
     if cut is not None:
         s.close()
         return ""
-    code = int.from_bytes(_recv(s, 8), "little")
+    code = int.from_bytes(recv_exact(s, 8), "little")
     assert code == Stderr.ERROR, code
-    n = int.from_bytes(_recv(s, 8), "little")
-    message = _recv(s, n + (-n) % 8)[:n].decode()
+    n = int.from_bytes(recv_exact(s, 8), "little")
+    message = recv_exact(s, n + (-n) % 8)[:n].decode()
     s.close()
     return message
-
-
-def _recv(s: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = s.recv(n - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 def test_too_deep_archive_refused_cleanly(root_daemon: Daemon, attacker: Attacker) -> None:

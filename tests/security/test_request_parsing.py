@@ -21,7 +21,7 @@ from guixsvc.protocol.ops import WORKER_MAGIC_1, Op, Stderr
 from guixsvc.protocol.server import NEED_DATA, Request, ServerConnection
 from guixsvc.protocol.wire import MAX_STRING, WireReader, encode_int, encode_string, encode_strings
 from guixsvc.store.paths import StoreDir
-from tests.conftest import Daemon
+from tests.conftest import Daemon, recv_exact
 from tests.security.conftest import Attacker
 
 HANDSHAKE = encode_int(WORKER_MAGIC_1) + encode_int(0x163) + encode_int(0) + encode_int(0)
@@ -119,19 +119,9 @@ def _session(sock: str) -> socket.socket:
     s.connect(sock)
     s.settimeout(60)
     s.sendall(HANDSHAKE)
-    _recv(s, 16)
-    assert int.from_bytes(_recv(s, 8), "little") == Stderr.LAST
+    recv_exact(s, 16)
+    assert int.from_bytes(recv_exact(s, 8), "little") == Stderr.LAST
     return s
-
-
-def _recv(s: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = s.recv(n - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 def _big_text_in_packets(sock: str) -> tuple[str, float]:
@@ -149,10 +139,10 @@ def _big_text_in_packets(sock: str) -> tuple[str, float]:
         s.sendall(request[i : min(i + 4096, len(request) - 16)])
     for i in range(len(request) - 16, len(request), 8):
         s.sendall(request[i : i + 8])
-    code = int.from_bytes(_recv(s, 8), "little")
+    code = int.from_bytes(recv_exact(s, 8), "little")
     assert code == Stderr.LAST, code
-    n = int.from_bytes(_recv(s, 8), "little")
-    path = _recv(s, n + (-n) % 8)[:n].decode()
+    n = int.from_bytes(recv_exact(s, 8), "little")
+    path = recv_exact(s, n + (-n) % 8)[:n].decode()
     s.close()
     return path, time.monotonic() - start
 
@@ -182,10 +172,10 @@ def test_daemon_takes_big_text_in_small_packets(root_daemon: Daemon, attacker: A
 def _oversized_string(sock: str) -> str:
     s = _session(sock)
     s.sendall(encode_int(Op.ADD_TEXT_TO_STORE) + encode_string("x") + encode_int(MAX_STRING + 1))
-    code = int.from_bytes(_recv(s, 8), "little")
+    code = int.from_bytes(recv_exact(s, 8), "little")
     assert code == Stderr.ERROR, code
-    n = int.from_bytes(_recv(s, 8), "little")
-    message = _recv(s, n + (-n) % 8)[:n].decode()
+    n = int.from_bytes(recv_exact(s, 8), "little")
+    message = recv_exact(s, n + (-n) % 8)[:n].decode()
     s.close()
     return message
 
