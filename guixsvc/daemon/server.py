@@ -85,8 +85,16 @@ def run_daemon(
             "recommended"
         )
     if os.geteuid() != 0 and settings.get_bool("build-use-chroot"):
-        log.warning("warning: not running as root: builds will not be isolated (chroot disabled)")
-        settings.set("build-use-chroot", "false")
+        from guixsvc.daemon.build import sandbox
+
+        if sandbox.user_namespaces_available():
+            # Upstream's unprivileged mode: each build in user namespaces of its own.
+            log.info("not running as root: builds run in unprivileged user namespaces")
+        else:
+            log.warning(
+                "warning: not running as root: builds will not be isolated (chroot disabled)"
+            )
+            settings.set("build-use-chroot", "false")
     # Open the store once here, before any worker accepts: a broken store is reported at
     # start-up rather than to the first client, and whoever is served finds the database
     # created (in WAL mode) already (clients that connected meanwhile wait in the backlog).

@@ -113,6 +113,10 @@ def start_build_daemon(root: Path, *extra: str) -> Daemon:
         stdout=log,
         stderr=subprocess.STDOUT,
     )
+    return _wait_started(root, sock, env, proc)
+
+
+def _wait_started(root: Path, sock: str, env: dict[str, str], proc: subprocess.Popen) -> Daemon:
     deadline = time.monotonic() + 20
     while not os.path.exists(sock):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -147,6 +151,8 @@ class Builds:
     #: Where the store's files really are, when the daemon sees them elsewhere (a store
     #: bind-mounted in its own mount namespace).
     real_store: str | None = None
+    #: Who owns the store's items: root, or the rootless daemon's user.
+    owner: int = 0
 
     @property
     def store(self) -> StoreDir:
@@ -216,23 +222,94 @@ def add_busybox(client: DaemonClient, work: Path) -> str:
     return path
 
 
+#: The dedicated unprivileged user of the rootless daemon (upstream's `guix-daemon` user).
+DAEMON_USER = f"{GROUP}-daemon"
+REPO = Path(__file__).resolve().parents[2]
+#: The rootless daemon runs the system Python on the source tree (its core needs only the
+#: standard library; the test's interpreter may live where that user cannot read).
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+#: Parametrise a test over both sandbox modes:
+#: `@pytest.mark.parametrize("make_builds", MODES, indirect=True)`.
+MODES = ["root", "rootless"]
+
+
+@pytest.fixture(scope="session")
+def daemon_user() -> Iterator[tuple[int, int]]:
+    """A dedicated system user and group (as `guix-daemon` upstream) for the rootless daemon."""
+    if os.geteuid() != 0:
+        pytest.skip("creating the daemon's user needs root")
+    if not shutil.which("useradd") or not os.path.exists(SYSTEM_PYTHON):
+        pytest.skip("useradd or the system Python missing")
+    if not all(os.stat(p).st_mode & 0o005 == 0o005 for p in [REPO, *REPO.parents]):
+        pytest.skip("source tree not readable by other users")
+    _admin("userdel", DAEMON_USER, check=False)
+    _admin("groupdel", DAEMON_USER, check=False)
+    _admin("useradd", "--system", "--no-create-home", "--user-group", "-d", "/var/empty",
+           "-s", "/usr/sbin/nologin", DAEMON_USER)  # fmt: skip
+    import pwd
+
+    pw = pwd.getpwnam(DAEMON_USER)
+    probe = subprocess.run(
+        [SYSTEM_PYTHON, "-c", "from guixsvc.daemon.build import sandbox as s; "
+         "raise SystemExit(not s.user_namespaces_available())"],
+        env={"PYTHONPATH": str(REPO)}, cwd="/", user=pw.pw_uid, group=pw.pw_gid, extra_groups=[],
+    )  # fmt: skip
+    try:
+        if probe.returncode != 0:
+            pytest.skip("unprivileged user namespaces are not available")
+        yield pw.pw_uid, pw.pw_gid
+    finally:
+        _admin("userdel", DAEMON_USER, check=False)
+        _admin("groupdel", DAEMON_USER, check=False)
+
+
+def start_rootless_daemon(root: Path, owner: tuple[int, int], *extra: str) -> Daemon:
+    """Our guix-daemon as an unprivileged user owning its store and state directory, chroot on:
+    builds in user namespaces (upstream's unprivileged mode)."""
+    env = store_env(root)
+    env["PYTHONPATH"] = str(REPO)
+    (root / "tmp").mkdir(exist_ok=True)
+    env["TMPDIR"] = str(root / "tmp")
+    for directory in (root, root / "etc", root / "tmp"):
+        os.chown(directory, *owner)
+    sock = str(root / "daemon.sock")
+    log = open(root / "daemon.log", "wb")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen(
+        [SYSTEM_PYTHON, "-m", "guixsvc.daemon.cli", f"--listen={sock}", *extra],
+        env=env, stdout=log, stderr=subprocess.STDOUT, cwd="/",
+        user=owner[0], group=owner[1], extra_groups=[],
+    )  # fmt: skip
+    return _wait_started(root, sock, env, proc)
+
+
 @pytest.fixture
-def make_builds(base_dir: Path, build_users: str) -> Iterator[Callable[..., Builds]]:
+def make_builds(
+    base_dir: Path, build_users: str, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., Builds]]:
     if not os.path.exists(BUSYBOX) or not _is_static(BUSYBOX):
         pytest.skip("needs a static /bin/busybox (Debian package busybox-static)")
+    mode = getattr(request, "param", "root")
+    owner: tuple[int, int] | None = None
+    if mode == "rootless":
+        owner = request.getfixturevalue("daemon_user")
 
     def make(*flags: str, users: bool = True, verbosity: int = 0, **options: object) -> Builds:
         root = base_dir / f"d{len(daemons)}"
         root.mkdir()
-        extra = [f"--build-users-group={build_users}"] if users else []
-        daemon = start_build_daemon(root, *extra, *flags)
+        if owner is not None:
+            daemon = start_rootless_daemon(root, owner, *flags)
+        else:
+            extra = [f"--build-users-group={build_users}"] if users else []
+            daemon = start_build_daemon(root, *extra, *flags)
         daemons.append(daemon)
         logs: list[str] = []
         client = daemon.client(log=logs.append)
         clients.append(client)
         options.setdefault("use_substitutes", False)
         client.set_options(verbosity=verbosity, **options)  # type: ignore[arg-type]
-        return Builds(daemon, client, add_busybox(client, root), logs)
+        return Builds(daemon, client, add_busybox(client, root), logs,
+                      owner=owner[0] if owner else 0)  # fmt: skip
 
     daemons: list[Daemon] = []
     clients: list[DaemonClient] = []

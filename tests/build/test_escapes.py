@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.build.conftest import Builds, requires_root
+from tests.build.conftest import MODES, Builds, requires_root
 
 pytestmark = requires_root
 
@@ -49,6 +49,7 @@ def _results(path: str) -> dict[str, str]:
         return dict(line.split("=", 1) for line in f.read().splitlines())
 
 
+@pytest.mark.parametrize("make_builds", MODES, indirect=True)
 def test_escapes_fail(
     make_builds: Callable[..., Builds], tcp_listener: tuple[int, list[bytes]]
 ) -> None:
@@ -102,6 +103,7 @@ echo hostname=$({bb} hostname)
     assert "sleep 4343" not in ps
 
 
+@pytest.mark.parametrize("make_builds", MODES, indirect=True)
 def test_fixed_output_may_use_network(
     make_builds: Callable[..., Builds], tcp_listener: tuple[int, list[bytes]]
 ) -> None:
@@ -119,3 +121,34 @@ def test_fixed_output_may_use_network(
     )
     b.client.build_paths([drv])
     assert seen
+
+
+@pytest.mark.parametrize("make_builds", MODES, indirect=True)
+def test_inputs_stay_read_only(make_builds: Callable[..., Builds]) -> None:
+    """Rootless, the builder's uid outside is the store owner's: an input, a file input and
+    the chroot must still be out of its reach, by chmod, by a hard link's inode, and by a
+    remount from a nested user namespace (inherited mounts are locked read-only)."""
+    b = make_builds()
+    bb = b.busybox + "/bin/busybox"
+    file_input = b.client.add_text_to_store("plain", "original\n", [])
+    script = f"""
+r() {{ if "$@" >/dev/null 2>&1; then echo yes; else echo no; fi; }}
+{{
+echo chmod_input=$(r {bb} chmod u+w {b.busybox}/bin)
+echo write_file_input=$(r {bb} sh -c '{bb} chmod u+w {file_input}; echo evil > {file_input}')
+echo rm_file_input=$(r {bb} rm -f {file_input})
+echo write_etc=$(r {bb} sh -c 'echo x > /etc/passwd')
+echo remount=$(r {bb} unshare -r -m {bb} sh -c \\
+  '{bb} mount -o remount,bind,rw {b.busybox} && {bb} touch {b.busybox}/evil')
+echo write_tmp=$(r {bb} touch /tmp/ok)
+}} > $out
+"""
+    drv, outs = b.derivation("ro", script, sources=(file_input,))
+    b.client.build_paths([drv])
+    res = _results(outs["out"])
+    assert res == {"chmod_input": "no", "write_file_input": "no", "rm_file_input": "no",
+                   "write_etc": "no", "remount": "no", "write_tmp": "yes"}, res  # fmt: skip
+    with open(file_input) as f:
+        assert f.read() == "original\n"
+    assert not os.path.exists(b.busybox + "/evil")
+    assert os.stat(b.busybox + "/bin").st_mode & 0o222 == 0

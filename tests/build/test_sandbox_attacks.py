@@ -26,7 +26,7 @@ import pytest
 
 from guixsvc.daemon.build import seccomp
 from guixsvc.protocol.client import DaemonClient, DaemonError
-from tests.build.conftest import GROUP, Builds, requires_root
+from tests.build.conftest import GROUP, MODES, Builds, requires_root
 
 pytestmark = requires_root
 
@@ -105,6 +105,7 @@ EXPECT_REFUSED = {
 }  # fmt: skip
 
 
+@pytest.mark.parametrize("make_builds", MODES, indirect=True)
 def test_builder_cannot_make_setid_files_or_xattrs(
     make_builds: Callable[..., Builds], attack_binary: str
 ) -> None:
@@ -135,7 +136,7 @@ def test_builder_cannot_make_setid_files_or_xattrs(
     assert res["busybox-chmod"] != "0" and res["plain-chmod"] == "0"
     if res["i386-plain"] != "chmod32=ENOSYS":  # a kernel without IA32 emulation
         assert (res["i386-suid"], res["i386-plain"]) == ("chmod32=EPERM", "chmod32=ok"), res
-    assert _unsafe_entries(outs["out"]) == []
+    assert _unsafe_entries(outs["out"], b.owner) == []
 
 
 @pytest.mark.parametrize("keep_failed", [False, True])
@@ -215,6 +216,7 @@ def test_secure_tree_never_follows_links(tmp_path: Path) -> None:
 # Class 5: keyrings
 
 
+@pytest.mark.parametrize("make_builds", MODES, indirect=True)
 def test_builds_get_a_fresh_keyring(make_builds: Callable[..., Builds], attack_binary: str) -> None:
     """A build sees none of the daemon's keys, and keys one build plants (session, user and
     user-session keyrings of its build user) are gone for the next build as that user."""
@@ -302,6 +304,7 @@ def abstract_listener() -> Iterator[tuple[str, list[int]]]:
             os.close(fd)
 
 
+@pytest.mark.parametrize("make_builds", MODES, indirect=True)
 def test_fixed_output_cannot_hand_out_its_output(
     make_builds: Callable[..., Builds],
     attack_binary: str,
@@ -407,6 +410,7 @@ echo done > $out
     assert "slirp4netns" not in ps
 
 
+@pytest.mark.parametrize("make_builds", MODES, indirect=True)
 def test_fixed_output_registered_bytes_are_a_fresh_copy(
     make_builds: Callable[..., Builds],
 ) -> None:
@@ -451,7 +455,7 @@ def test_fixed_output_registered_bytes_are_a_fresh_copy(
         assert Path(out).read_bytes() == b"good"
         assert os.fstat(fd).st_ino != os.stat(out).st_ino
         st = os.stat(out)
-        assert st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o444
+        assert st.st_uid == b.owner and stat.S_IMODE(st.st_mode) == 0o444
     finally:
         os.close(fd)
     assert b.client.query_path_info(out).nar_hash

@@ -5,6 +5,14 @@ Upstream's `UserLock`, `startBuilder` (chroot preparation) and `runChild` (spec/
 through libc with ctypes.  Because `unshare(CLONE_NEWPID)` only affects children, the forked
 child unshares and forks once more: that grandchild is PID 1 of the new PID namespace and
 becomes the builder, so killing it (or its exiting) kills every process of the build.
+
+A daemon that is not root (upstream's 2025 unprivileged mode) builds the same way in a fresh
+*user* namespace created together with the others: the builder is uid 30001 / gid 30000 inside
+(upstream's `defaultGuestUID`/`defaultGuestGID`), mapped onto the daemon's own uid and gid, with
+`setgroups` denied.  There is no build-user pool then; since every build runs as the daemon's
+own uid outside, everything a builder could write through the chroot (the store inputs, extra
+chroot directories) is bind-mounted read-only, and file inputs are bind-mounted rather than
+hard-linked, so a builder can reach no inode of the store it could chmod.
 """
 
 from __future__ import annotations
@@ -35,6 +43,12 @@ CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
+CLONE_NEWUSER = 0x10000000
+
+#: The builder's uid and gid inside the user namespace of an unprivileged daemon (upstream
+#: build.cc `defaultGuestUID`, `defaultGuestGID`).
+GUEST_UID = 30001
+GUEST_GID = 30000
 
 MS_RDONLY = 1
 MS_NOSUID = 2
@@ -44,6 +58,9 @@ MS_REMOUNT = 32
 MS_BIND = 4096
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
+MS_NOATIME = 1024
+MS_NODIRATIME = 2048
+MS_RELATIME = 1 << 21
 MNT_DETACH = 2
 
 PER_LINUX32 = 0x0008
@@ -101,6 +118,59 @@ def pivot_root(new_root: str, put_old: str) -> None:
     if nr is None:
         raise OSError(errno.ENOSYS, "pivot_root: unknown architecture")
     _check(_libc.syscall(nr, new_root.encode(), put_old.encode()), "cannot pivot old root")
+
+
+def remount_read_only(target: str) -> None:
+    """Make the bind mount at `target` read-only, keeping the flags it inherited: in a user
+    namespace, nosuid/nodev/noexec/atime flags of a mount from a more privileged namespace are
+    locked, and a remount that would clear them fails with EPERM."""
+    st = os.statvfs(target)
+    flags = MS_BIND | MS_REMOUNT | MS_RDONLY
+    kept = ((os.ST_NOSUID, MS_NOSUID), (os.ST_NODEV, MS_NODEV), (os.ST_NOEXEC, MS_NOEXEC),
+            (os.ST_NOATIME, MS_NOATIME), (os.ST_NODIRATIME, MS_NODIRATIME),
+            (os.ST_RELATIME, MS_RELATIME))  # fmt: skip
+    for st_flag, ms_flag in kept:
+        if st.f_flag & st_flag:
+            flags |= ms_flag
+    mount("none", target, None, flags)
+
+
+def write_id_maps(host_uid: int, host_gid: int) -> None:
+    """In a process that has just unshared its user namespace: the only ids it has are the
+    guest ones, mapped onto the daemon's (upstream `initializeUserNamespace`; `setgroups` is
+    denied, as an unprivileged process must before writing `gid_map`)."""
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{GUEST_UID} {host_uid} 1\n"),
+                       ("gid_map", f"{GUEST_GID} {host_gid} 1\n")):  # fmt: skip
+        fd = os.open(f"/proc/self/{name}", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, text.encode())
+        except OSError as e:
+            raise OSError(e.errno, f"cannot write /proc/self/{name}: {e.strerror}") from None
+        finally:
+            os.close(fd)
+
+
+_userns_ok: bool | None = None
+
+
+def user_namespaces_available() -> bool:
+    """Whether this process may create a user namespace with mount, PID and network
+    namespaces owned by it (probed once, in a throw-away child)."""
+    global _userns_ok
+    if _userns_ok is None:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            try:
+                ids = os.geteuid(), os.getegid()  # unmapped (overflow ids) once unshared
+                unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC
+                        | CLONE_NEWUTS)  # fmt: skip
+                write_id_maps(*ids)
+                os._exit(0)
+            except BaseException:
+                os._exit(1)
+        _, status = os.waitpid(pid, 0)
+        _userns_ok = os.waitstatus_to_exitcode(status) == 0
+    return _userns_ok
 
 
 def set_personality(flags: int) -> None:
@@ -325,6 +395,14 @@ class ChildSpec:
     confine: bool = True
     #: The worker that forks the child (0: not checked).
     parent_pid: int = 0
+    #: Unprivileged daemon: (uid, gid) of the daemon, mapped to GUEST_UID/GUEST_GID in a new
+    #: user namespace that owns the build's other namespaces.
+    userns: tuple[int, int] | None = None
+    #: Bind targets left writable (the build directory); with `userns`, every other bind is
+    #: read-only.
+    writable: frozenset[str] = frozenset()
+    #: The store directory as the builder sees it (with `userns`: kept writable).
+    store_dir: str = ""
 
 
 DEV_NODES = ("/dev/full", "/dev/kvm", "/dev/null", "/dev/random", "/dev/tty", "/dev/urandom",
@@ -343,17 +421,21 @@ def prepare_chroot(
     binds: dict[str, str],
     slirp: bool = False,
     host_loopback: bool = True,
+    rootless: bool = False,
 ) -> dict[str, str]:
     """Create the chroot tree (parent side) and return the full bind list (target → source).
 
     Inputs that are directories are bind-mounted, other files hard-linked (copied when that
-    fails); mount points are created here so the child only has to mount.
+    fails); mount points are created here so the child only has to mount.  `rootless`: the
+    builder runs as the daemon's own uid, so a hard link would hand it a store inode it owns;
+    file inputs are bind-mounted too (read-only, see `_setup_mounts`) and symlinks recreated.
     """
     if os.path.lexists(root):
         remove_tree(root)
     os.mkdir(root, 0o750)
     os.chmod(root, 0o750)
-    os.chown(root, 0, build_gid if build_gid is not None else 0)
+    if not rootless:
+        os.chown(root, 0, build_gid if build_gid is not None else 0)
     os.mkdir(os.path.join(root, "tmp"), 0o1777)
     os.chmod(os.path.join(root, "tmp"), 0o1777)
     etc = os.path.join(root, "etc")
@@ -389,11 +471,16 @@ def prepare_chroot(
     fake_store = root + store_dir
     os.makedirs(fake_store, 0o755)
     os.chmod(fake_store, 0o1775)
-    os.chown(fake_store, 0, build_gid if build_gid is not None else 0)
+    if not rootless:
+        os.chown(fake_store, 0, build_gid if build_gid is not None else 0)
     for path in inputs:
         st = os.lstat(path)
-        if stat.S_ISDIR(st.st_mode):
+        if stat.S_ISDIR(st.st_mode) or (rootless and stat.S_ISREG(st.st_mode)):
             all_binds[path] = path
+        elif rootless:
+            if not stat.S_ISLNK(st.st_mode):
+                raise SandboxError(f"unsupported file type of input `{path}'")
+            os.symlink(os.readlink(path), root + path)
         else:
             target = root + path
             try:
@@ -452,10 +539,18 @@ def _setup_mounts(spec: ChildSpec) -> None:
     assert root is not None
     mount("none", "/", None, MS_REC | MS_PRIVATE)
     mount(root, root, None, MS_BIND)
+    if spec.userns is not None:
+        # The builder owns the chroot's files here: all but /tmp and the store directory
+        # (where outputs appear) become read-only below, as root mode's root-owned tree is.
+        for writable in ("/tmp", spec.store_dir):
+            if writable and os.path.isdir(root + writable):
+                mount(root + writable, root + writable, None, MS_BIND)
     for target, source in spec.binds.items():
         if source == "/proc":
             continue
         mount(source, root + target, None, MS_BIND | MS_REC)
+        if spec.userns is not None and target not in spec.writable:
+            remount_read_only(root + target)
     mount("none", os.path.join(root, "proc"), "proc", 0)
     if os.path.isdir(os.path.join(root, "dev", "shm")) and os.path.exists("/dev/shm"):
         mount("none", os.path.join(root, "dev", "shm"), "tmpfs", 0)
@@ -472,6 +567,8 @@ def _setup_mounts(spec: ChildSpec) -> None:
     os.chroot(".")
     umount("real-root", MNT_DETACH)
     os.rmdir("real-root")
+    if spec.userns is not None:
+        remount_read_only("/")
 
 
 def _become_builder(spec: ChildSpec, log_fd: int) -> None:
@@ -485,7 +582,18 @@ def _become_builder(spec: ChildSpec, log_fd: int) -> None:
     os.chdir(spec.work_dir)
     if spec.personality is not None:
         set_personality(spec.personality)
-    if spec.uid is not None and spec.gid is not None:
+    if spec.userns is not None:
+        # Already the guest ids: the only ones mapped.  The capabilities held in the user
+        # namespace are dropped by execve (a non-zero uid, no file capabilities) and
+        # no_new_privs keeps them from coming back.
+        if (os.getuid(), os.geteuid(), os.getgid(), os.getegid()) != (
+            GUEST_UID,
+            GUEST_UID,
+            GUEST_GID,
+            GUEST_GID,
+        ):
+            raise OSError(errno.EPERM, "cannot set uid")
+    elif spec.uid is not None and spec.gid is not None:
         os.setgroups(spec.groups)
         os.setgid(spec.gid)
         os.setuid(spec.uid)
@@ -561,7 +669,11 @@ def child_main(spec: ChildSpec, log_fd: int, pid_fd: int) -> None:
         flags = CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS
         if spec.private_network:
             flags |= CLONE_NEWNET
+        if spec.userns is not None:
+            flags |= CLONE_NEWUSER
         unshare(flags)
+        if spec.userns is not None:
+            write_id_maps(*spec.userns)
         pid = os.fork()
         if pid == 0:
             os.close(pid_fd)

@@ -691,12 +691,14 @@ class Worker:
             raise BuildError(f"unsupported builtin function '{builtin_name}'")
         use_chroot = settings.get_bool("build-use-chroot") and builtin_name is None
         root = os.geteuid() == 0
-        if not root and use_chroot:
+        # Upstream's unprivileged mode: not root, the build gets a user namespace of its own.
+        rootless = not root and use_chroot and sandbox.user_namespaces_available()
+        if not root and use_chroot and not rootless:
             use_chroot = False
             self.msg(
                 LVL_ERROR,
-                "warning: the daemon is not running as root: building without a chroot, "
-                "namespaces or build users",
+                "warning: the daemon is not running as root and cannot create user "
+                "namespaces: building without a chroot, namespaces or build users",
             )
         group = settings.get("build-users-group")
         if root and group:
@@ -747,6 +749,11 @@ class Worker:
         if use_chroot:
             uid = g.user.uid if g.user else os.getuid()
             gid = g.user.gid if g.user else os.getgid()
+            if rootless:
+                uid, gid = sandbox.GUEST_UID, sandbox.GUEST_GID
+                spec.userns = (os.getuid(), os.getgid())
+                spec.writable = frozenset({in_sandbox})
+                spec.store_dir = self.store_dir
             g.chroot = g.drv_path + ".chroot"
             binds: dict[str, str] = {in_sandbox: g.tmp_dir}
             for item in (settings.get("build-chroot-dirs") + " "
@@ -765,6 +772,7 @@ class Worker:
                 host_loopback=host_loopback,
                 inputs=inputs,
                 binds=binds,
+                rootless=rootless,
             )
             spec.chroot = g.chroot
         if builtin_name is not None:
@@ -823,7 +831,9 @@ class Worker:
                 # Networking for the build's namespace from outside it (upstream: "running the
                 # builder in the global network namespace would give it access to the global
                 # namespace of abstract sockets").
-                g.slirp = _Slirp.start(slirp, kill_pid, host_loopback)
+                g.slirp = _Slirp.start(
+                    slirp, kill_pid, host_loopback, userns=spec.userns is not None
+                )
                 os.write(net_w, b"1")
             except (OSError, sandbox.SandboxError) as exc:
                 error = str(exc)
@@ -1328,27 +1338,38 @@ class _Slirp:
     exit_fd: int  # closing it (or the worker dying) makes slirp4netns exit
 
     @classmethod
-    def start(cls, program: str, pid: int, host_loopback: bool, timeout: float = 20) -> _Slirp:
+    def start(
+        cls, program: str, pid: int, host_loopback: bool, timeout: float = 20, *, userns: bool
+    ) -> _Slirp:
         """Start slirp4netns for the network namespace of `pid` and wait until `tap0` is there.
 
-        As root it enters the namespace itself (`--netns-type=pid`); `--enable-sandbox` puts it
+        As root it enters the namespace itself (`--netns-type=pid`); for an unprivileged daemon
+        (`userns`) it first joins the build's user namespace, which owns the network namespace
+        and which the daemon's uid, its creator, holds every capability in (`--userns-path`);
+        in root mode only, `--enable-sandbox` puts it
         in its own mount namespace without capabilities, `--enable-seccomp` restricts its
         system calls, and our own filter keeps it from creating Unix sockets (the host's
         abstract ones are in its network namespace); `--exit-fd` ties its life to this
         worker."""
         ready_r, ready_w = os.pipe()
         exit_r, exit_w = os.pipe()
-        args = [program, "--enable-sandbox", "--enable-seccomp", f"--ready-fd={ready_w}",
-                f"--exit-fd={exit_r}", "--mtu=1500"]  # fmt: skip
+        args = [program, "--enable-seccomp", f"--ready-fd={ready_w}", f"--exit-fd={exit_r}",
+                "--mtu=1500"]  # fmt: skip
+        if userns:
+            # slirp4netns's own sandbox needs uid 0 in the namespace it starts in (it fails
+            # with "setegid(0)" otherwise): see README, "Rootless mode".
+            args.append(f"--userns-path=/proc/{pid}/ns/user")
+        else:
+            args.append("--enable-sandbox")
         if not host_loopback:
             args.append("--disable-host-loopback")
         args += [str(pid), sandbox.TAP_NAME]
-        program = seccomp.build_slirp_filter()
+        bpf = seccomp.build_slirp_filter()
         try:
             proc = subprocess.Popen(
                 args,
                 pass_fds=(ready_w, exit_r),
-                preexec_fn=None if program is None else lambda: seccomp.slirp_preexec(program),
+                preexec_fn=None if bpf is None else lambda: seccomp.slirp_preexec(bpf),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
