@@ -43,6 +43,9 @@ DEFAULT_BUILD_USERS = 10
 # Upstream's etc/guix-gc.service.in and etc/guix-gc.timer.
 DEFAULT_GC_ARGUMENTS = "-d 1m -F 10G"
 DEFAULT_GC_CALENDAR = "weekly"
+#: Upstream's user for the unprivileged daemon (Guix System's `guix-daemon` account).
+DEFAULT_DAEMON_USER = "guix-daemon"
+DEFAULT_LOG_DIR = "/var/log/guix"
 
 
 class UnitsError(Exception):
@@ -97,6 +100,11 @@ class UnitSettings:
     build_users: int = DEFAULT_BUILD_USERS
     gc_arguments: str = DEFAULT_GC_ARGUMENTS
     gc_calendar: str = DEFAULT_GC_CALENDAR
+    #: Upstream's unprivileged mode: guix-daemon runs as `daemon_user`, builds in user
+    #: namespaces, no build users.
+    rootless: bool = False
+    daemon_user: str = DEFAULT_DAEMON_USER
+    log_dir: str = DEFAULT_LOG_DIR
 
     def variables(self) -> dict[str, object]:
         return {
@@ -109,6 +117,9 @@ class UnitSettings:
             "build_users": self.build_users,
             "gc_arguments": self.gc_arguments,
             "gc_calendar": self.gc_calendar,
+            "rootless": self.rootless,
+            "daemon_user": self.daemon_user,
+            "log_dir": _absolute("--log-dir", self.log_dir),
         }
 
     @property
@@ -200,6 +211,9 @@ Render the systemd units of guix-daemon, guix publish and guix gc.
       --gc-arguments=ARGS
                          run 'guixsvc gc ARGS' (default: '{DEFAULT_GC_ARGUMENTS}')
       --gc-calendar=WHEN run the collector at WHEN (default: {DEFAULT_GC_CALENDAR})
+      --rootless         guix-daemon runs unprivileged as USER (see --daemon-user),
+                         building in user namespaces, without build users
+      --daemon-user=USER the user of the rootless daemon (default: {DEFAULT_DAEMON_USER})
       --output=DIR       write the units to DIR instead of printing them
       --sysusers=FILE    also write the sysusers.d file FILE
       --generate-key     create CONF-DIR/signing-key.{{pub,sec}} if missing, then exit
@@ -223,6 +237,8 @@ class _Options:
     output: str | None = None
     sysusers: str | None = None
     generate_key: bool = False
+    rootless: bool = False
+    daemon_user: str = DEFAULT_DAEMON_USER
 
 
 def _number(text: str) -> int:
@@ -261,6 +277,8 @@ OPTIONS: tuple[Option[_Options], ...] = (
     Option(("output",), _set("output"), required=True),
     Option(("sysusers",), _set("sysusers"), required=True),
     Option(("generate-key",), lambda o, _: setattr(o, "generate_key", True)),
+    Option(("rootless",), lambda o, _: setattr(o, "rootless", True)),
+    Option(("daemon-user",), _set("daemon_user"), required=True),
 )  # type: ignore[assignment]
 
 
@@ -284,6 +302,8 @@ def _run(args: _Options) -> int:
         build_users=args.build_users,
         gc_arguments=args.gc_arguments,
         gc_calendar=args.gc_calendar,
+        rootless=args.rootless,
+        daemon_user=args.daemon_user,
     )
     try:
         rendered = render(settings)

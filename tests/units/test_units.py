@@ -136,3 +136,35 @@ def test_generate_key(tmp_path: Path) -> None:
     # Idempotent: an existing pair is kept.
     assert main(["--generate-key", f"--conf-dir={conf}"]) == 0
     assert (conf / "signing-key.sec").read_bytes() == sec
+
+
+def test_rootless_units(tmp_path: Path) -> None:
+    """Upstream's unprivileged mode: guix-daemon as its own user, no build users, no
+    capabilities; `systemd-analyze verify` is silent and the exposure is at most 5.0."""
+    out = _render(tmp_path, rootless=True, daemon_user="guix-daemon")
+    assert {p.name for p in out.iterdir()} == UNITS
+    daemon = (out / "guix-daemon.service").read_text()
+    assert "--build-users-group" not in daemon
+    for line in ("User=guix-daemon", "Group=guix-daemon", "CapabilityBoundingSet=\n",
+                 "AmbientCapabilities=\n", "NoNewPrivileges=yes", "ProtectSystem=strict",
+                 "ReadWritePaths=/gnu/store /var/guix /var/log/guix",
+                 "RestrictNamespaces=user mnt pid net ipc uts"):  # fmt: skip
+        assert line in daemon, line
+    sysusers = (tmp_path / "guix.conf").read_text()
+    assert "u guix-daemon - " in sysusers and "guixbuilder" not in sysusers
+    result = subprocess.run(
+        ["systemd-analyze", "verify", *sorted(str(p) for p in out.iterdir())],
+        capture_output=True, text=True, cwd=out, check=False,
+    )  # fmt: skip
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    level = _exposure(out / "guix-daemon.service")
+    print(f"rootless guix-daemon.service exposure: {level}")
+    assert level <= 5.0
+    root_level = _exposure(_render(tmp_path / "root") / "guix-daemon.service")
+    assert level < root_level
+
+
+def test_cli_rootless(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--rootless", "--daemon-user=guixd"]) == 0
+    text = capsys.readouterr().out
+    assert "User=guixd" in text and "u guixd - " in text
