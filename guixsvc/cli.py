@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build": ("guixsvc.build_cli", "build derivations (as guix build FILE.drv)"),
     "download": ("guixsvc.download", "download a file to the store and print its hash"),
     "units": ("guixsvc.units", "render the systemd units"),
+    "migrate-store": ("guixsvc.migrate", "hand the store to the rootless daemon's user or root"),
     "discover": ("guixsvc.daemon.discover", "discover publish servers with Avahi (guix discover)"),
     "processes": ("guixsvc.processes", "list the daemon's sessions (as guix processes)"),
     "offload": ("guixsvc.offload.cli", "test build machines, show their status (guix offload)"),
