@@ -90,7 +90,7 @@ let
   # The daemon's command line: nixpkgs' (the build group always, the substitute URLs unless there
   # are none, so an empty list means the daemon's default), through systemd's own quoting.
   daemonArgs =
-    [ "--build-users-group=${cfg.group}" ]
+    optional cfg.privileged "--build-users-group=${cfg.group}"
     ++ optional (
       cfg.substituters.urls != [ ]
     ) "--substitute-urls=${concatStringsSep " " cfg.substituters.urls}"
@@ -240,6 +240,27 @@ in
       default = "guixbuild";
       example = "guixbuild";
       description = "The group of the Guix build user pool.";
+    };
+
+    privileged = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        Whether guix-daemon runs as root with a pool of build users (true), or as the
+        unprivileged {option}`services.guix.daemonUser`, building in user namespaces, without
+        build users (false): Guix System's `privileged?` field of `guix-configuration`. The
+        store and Guix's data directories change owner accordingly (the `guix-ownership` unit,
+        as on Guix System); see the README's "Rootless mode".
+      '';
+    };
+
+    daemonUser = mkOption {
+      type = types.str;
+      default = "guix-daemon";
+      description = ''
+        The user (and group) of the unprivileged daemon, owner of the store and the state
+        directory when {option}`services.guix.privileged` is false.
+      '';
     };
 
     nrBuildUsers = mkOption {
@@ -478,8 +499,20 @@ in
 
       systemd.packages = [ daemon ];
 
-      users.users = buildUsers;
-      users.groups.${cfg.group} = { };
+      users.users =
+        if cfg.privileged then
+          buildUsers
+        else
+          {
+            ${cfg.daemonUser} = {
+              isSystemUser = true;
+              group = cfg.daemonUser;
+              description = "Guix build daemon";
+              home = guixStateDir;
+              createHome = false;
+            };
+          };
+      users.groups = if cfg.privileged then { ${cfg.group} = { }; } else { ${cfg.daemonUser} = { }; };
 
       # Guix discovers and advertises substitute servers with Avahi; nixpkgs' module turns it on.
       services.avahi.enable = mkDefault true;
@@ -496,8 +529,15 @@ in
         text = ''
           install -d -m 0755 ${escapeShellArg (dirOf storeDir)}
           if [ ! -d ${escapeShellArg storeDir} ]; then
-            install -d -m 1775 -o root -g ${escapeShellArg cfg.group} ${escapeShellArg storeDir}
-          elif [ "$(stat -c '%a %U %G' ${escapeShellArg storeDir})" != ${escapeShellArg "1775 root ${cfg.group}"} ]; then
+            ${
+              if cfg.privileged then
+                "install -d -m 1775 -o root -g ${escapeShellArg cfg.group} ${escapeShellArg storeDir}"
+              else
+                "install -d -m 0755 -o ${escapeShellArg cfg.daemonUser} -g ${escapeShellArg cfg.daemonUser} ${escapeShellArg storeDir}"
+            }
+          elif ${if cfg.privileged then "true" else "false"} \
+            && [ "$(stat -c %u ${escapeShellArg storeDir})" = 0 ] \
+            && [ "$(stat -c '%a %U %G' ${escapeShellArg storeDir})" != ${escapeShellArg "1775 root ${cfg.group}"} ]; then
             chown root:${escapeShellArg cfg.group} ${escapeShellArg storeDir} \
               && chmod 1775 ${escapeShellArg storeDir} \
               || echo "warning: cannot set the owner and mode of ${storeDir}" >&2
@@ -545,6 +585,91 @@ in
         # restarted, so clients connecting during a `nixos-rebuild switch` wait in its backlog,
         # and KillMode=process (packaged) leaves the sessions and their builds running.
         stopIfChanged = false;
+        requires = [ "guix-ownership.service" ];
+        after = [ "guix-ownership.service" ];
+      }
+      // lib.optionalAttrs (!cfg.privileged) {
+        # Rootless mode: what `guixsvc units --rootless` renders (units/guix-daemon.service.j2).
+        serviceConfig = {
+          ExecStart = [
+            ""
+            (execLine ([ "${daemon}/bin/guix-daemon" ] ++ daemonArgs))
+          ];
+          User = cfg.daemonUser;
+          Group = cfg.daemonUser;
+          CapabilityBoundingSet = "";
+          AmbientCapabilities = "";
+          NoNewPrivileges = true;
+          SecureBits = "noroot-locked";
+          ProtectSystem = "strict";
+          ReadWritePaths = [
+            storeDir
+            guixStateDir
+            "${stateDir}/log/guix"
+          ];
+          ProtectHome = true;
+          PrivateTmp = true;
+          PrivateDevices = true;
+          DevicePolicy = "closed";
+          BindPaths = [
+            "-/dev/net/tun"
+            "-/dev/kvm"
+          ];
+          DeviceAllow = [
+            "/dev/net/tun rw"
+            "/dev/kvm rw"
+          ];
+          ProtectKernelModules = true;
+          ProtectControlGroups = true;
+          ProtectClock = true;
+          ProtectHostname = true;
+          RestrictNamespaces = "user mnt pid net ipc uts";
+          RestrictRealtime = true;
+          RestrictSUIDSGID = true;
+          RestrictAddressFamilies = "AF_UNIX AF_INET AF_INET6 AF_NETLINK";
+          RemoveIPC = true;
+          KeyringMode = "private";
+          UMask = "0022";
+          SystemCallFilter = "@system-service @mount chroot pivot_root sethostname setdomainname personality";
+          SystemCallErrorNumber = "EPERM";
+          SystemCallArchitectures = "native x86 x32";
+        };
+      };
+
+      # Guix System's `guix-ownership`: before the daemon starts, the store and Guix's data
+      # change owner when the mode changed (root ↔ daemonUser); nothing happens otherwise.
+      systemd.services.guix-ownership = {
+        description = "Ownership of the Guix store for the ${
+          if cfg.privileged then "privileged" else "unprivileged"
+        } guix-daemon";
+        before = [ "guix-daemon.service" ];
+        unitConfig.RequiresMountsFor = [
+          storeDir
+          guixStateDir
+        ];
+        environment = {
+          NIX_STORE_DIR = storeDir;
+          GUIX_STATE_DIRECTORY = guixStateDir;
+          GUIX_LOG_DIRECTORY = "${stateDir}/log/guix";
+          GUIX_CONFIGURATION_DIRECTORY = "/etc/guix";
+        };
+        serviceConfig = {
+          Type = "oneshot";
+          RemainAfterExit = true;
+        };
+        script =
+          if cfg.privileged then
+            ''
+              if [ "$(stat -c %u ${escapeShellArg storeDir})" != 0 ]; then
+                exec ${guixsvc} migrate-store --to-root
+              fi
+            ''
+          else
+            ''
+              if [ "$(stat -c %U ${escapeShellArg storeDir})" != ${escapeShellArg cfg.daemonUser} ]; then
+                exec ${guixsvc} migrate-store --to-user=${escapeShellArg cfg.daemonUser}
+              fi
+            '';
       };
 
       # Built at build time from the key files: nothing writes /etc at activation.

@@ -52,7 +52,7 @@ def change_ownership(
         return 0
     if not stat.S_ISDIR(st.st_mode):
         if stat.S_ISLNK(st.st_mode):
-            raise MigrateError(f"{directory}: is a symbolic link")
+            return 0  # e.g. a configuration directory linked elsewhere: not followed
         if (st.st_uid, st.st_gid) != (uid, gid):
             os.chown(directory, uid, gid, follow_symlinks=False)
             return 1

@@ -5,6 +5,7 @@
 
 {
   basic = pkgs.testers.runNixOSTest ./basic.nix;
+  rootless = pkgs.testers.runNixOSTest ./rootless.nix;
   publish = pkgs.testers.runNixOSTest ./publish.nix;
   gc = pkgs.testers.runNixOSTest ./gc.nix;
 }

@@ -281,6 +281,8 @@ EXTRA_DEFAULTS: dict[str, Any] = {
     "publish.compression": [],
     "gc.randomizedDelaySec": "0",
     "gc.persistent": True,
+    "privileged": True,
+    "daemonUser": "guix-daemon",
 }
 
 
@@ -1017,3 +1019,29 @@ def test_avahi_on_by_default_like_nixpkgs() -> None:
     # Defaults only: the admin's word wins.
     off = evaluate({"enable": True}, other={"services": {"avahi": {"enable": False}}})
     assert off["avahi"]["enable"] is False
+
+
+@needs_nix
+@needs_lib
+def test_rootless_mode() -> None:
+    """`privileged = false` (Guix System's `privileged?`): the daemon as `daemonUser`, no build
+    users, the hardened unit, and `guix-ownership` handing the store over before it starts."""
+    result = evaluate({"enable": True, "privileged": False})
+    assert list(result["users"]) == ["guix-daemon"]
+    assert result["users"]["guix-daemon"]["isSystemUser"] is True
+    assert "guix-daemon" in result["groups"] and "guixbuild" not in result["groups"]
+    daemon = result["services"]["guix-daemon"]
+    config = daemon["serviceConfig"]
+    assert "--build-users-group" not in config["ExecStart"][1]
+    assert config["User"] == config["Group"] == "guix-daemon"
+    assert config["CapabilityBoundingSet"] == "" and config["NoNewPrivileges"] is True
+    assert config["RestrictNamespaces"] == "user mnt pid net ipc uts"
+    assert "/gnu/store" in config["ReadWritePaths"]
+    assert "guix-ownership.service" in daemon["requires"]
+    ownership = result["services"]["guix-ownership"]
+    assert "migrate-store --to-user=guix-daemon" in ownership["script"]
+    assert "install -d -m 0755 -o guix-daemon" in result["activation"]["guix"]["text"]
+    # Back to root: the same unit gives the store back.
+    root = evaluate({"enable": True})
+    assert "migrate-store --to-root" in root["services"]["guix-ownership"]["script"]
+    assert "User" not in root["services"]["guix-daemon"]["serviceConfig"]

@@ -4,7 +4,8 @@
   service is inactive and the store is read-only for everyone else.
 * The first client connection starts guix-daemon (Type=notify, so `active` means READY=1).
 * A derivation built by the daemon (busybox's sh from the store as its builder) runs as a member
-  of `guixbuild` (skipped while BuildPaths answers "not implemented yet").
+  of `guixbuild` (skipped while BuildPaths answers "not implemented yet"); with the rootless
+  daemon (`rootless`), as upstream's guest uid 30001 / gid 30000 in a user namespace.
 * The build ran in the sandbox: its own UTS namespace (host name "localhost") and a chroot.
 * `systemctl restart guix-daemon` while a client holds an idle session: the session survives and
   keeps working (KillMode=process), the old daemon's idle workers are gone, and new clients reach
@@ -108,7 +109,9 @@ def _service_processes(machine: Any) -> set[str]:
     return {line.split("/")[2] for line in out.split()}
 
 
-def run(machine: Any, *, busybox: str | None = None, python: str = "python3") -> list[str]:
+def run(
+    machine: Any, *, busybox: str | None = None, python: str = "python3", rootless: bool = False
+) -> list[str]:
     """Returns the steps that were skipped (with reasons); raises on failures."""
     skipped: list[str] = []
     machine.wait_for_unit("guix-daemon.socket")
@@ -163,7 +166,10 @@ report(path=p, valid=c.is_valid_path(p))
         else:
             assert result["ok"], f"build failed: {result}"
             built, uid, groups, hostname, root = result["content"].splitlines()[:5]
-            gid, build_uids = _group_ids(machine, "guixbuild")
+            if rootless:
+                gid, build_uids = 30000, [30001]  # upstream's guest ids, mapped to guix-daemon
+            else:
+                gid, build_uids = _group_ids(machine, "guixbuild")
             assert built == "built"
             # The sandbox: its own UTS namespace (upstream names it "localhost") and a chroot
             # (whose /etc has passwd and group files for the build, but no shadow file).
