@@ -62,8 +62,10 @@ def _listing(top: str, depth: int) -> list[str]:
 
 
 def _valid_path_count(db: str) -> int | str:
+    # immutable=1: even a read-only reader of a WAL database would create db.sqlite-shm and
+    # db.sqlite-wal, changing the very state it guards (rows still in a WAL show up as that file).
     try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        with sqlite3.connect(f"file:{db}?mode=ro&immutable=1", uri=True) as conn:
             return int(conn.execute("SELECT count(*) FROM ValidPaths").fetchone()[0])
     except sqlite3.Error as e:
         return f"unreadable ({e})"

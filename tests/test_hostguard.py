@@ -55,3 +55,20 @@ def test_store_variables_point_away_from_the_host() -> None:
         assert "guixsvc-tests-decoy-" in value, (name, value)
         assert not any(value.startswith(p) for p in hostguard.HOST_PATHS)
     assert "GUIX_DAEMON_SOCKET" not in os.environ
+
+
+def test_snapshot_leaves_a_wal_database_alone(tmp_path: Path) -> None:
+    """Reading the row count must not create db.sqlite-wal/-shm (the guard's own footprint)."""
+    state = tmp_path / "var" / "guix"
+    (state / "db").mkdir(parents=True)
+    db = state / "db" / "db.sqlite"
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("CREATE TABLE ValidPaths (id INTEGER PRIMARY KEY, path TEXT)")
+    conn.execute("INSERT INTO ValidPaths (path) VALUES ('x')")
+    conn.commit()
+    conn.close()  # the last connection checkpoints and removes -wal and -shm
+    assert sorted(p.name for p in (state / "db").iterdir()) == ["db.sqlite"]
+    snap = hostguard.snapshot([str(state)])
+    assert snap[f"{db} ValidPaths"] == 1
+    assert sorted(p.name for p in (state / "db").iterdir()) == ["db.sqlite"]

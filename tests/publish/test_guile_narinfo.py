@@ -1,7 +1,7 @@
 """Upstream's own `read-narinfo` / `valid-narinfo?` (the 2022 Guile code) accept narinfos
 from `guixsvc publish` and reject tampered ones.  Runs only when GUIX_GUILE_RUN points at a
-script that runs Guile with the upstream Guix modules on its load path (e.g.
-/work/guile-client/run.sh)."""
+script that runs Guile with the upstream Guix modules on its load path (as
+tests/test_guile_client.py expects)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "guile" / "narinfo-check.scm"
 def test_upstream_guile_accepts_our_narinfos(node: dict[str, object], tmp_path: Path) -> None:  # noqa: F811
     run = os.environ.get("GUIX_GUILE_RUN")
     if not run:
-        pytest.skip("set GUIX_GUILE_RUN to a Guile+Guix runner (e.g. /work/guile-client/run.sh)")
+        pytest.skip("set GUIX_GUILE_RUN to a Guile+Guix runner (see tests/test_guile_client.py)")
     n = node["n"]
     assert isinstance(n, Node)
     acl = keys.Acl([keys.load_key(n.conf / "signing-key.pub")])
