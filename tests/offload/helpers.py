@@ -15,8 +15,10 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import types
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -212,7 +214,14 @@ def start_sshd(m: Machine, cfg: Path, real_store: Path) -> None:
             time.sleep(0.05)
 
 
-def make_cluster(base: Path, n_machines: int, *local_flags: str) -> Cluster:
+def make_cluster(
+    base: Path,
+    n_machines: int,
+    *local_flags: str,
+    remote_daemon: Sequence[str] = (sys.executable, "-m", "guixsvc.daemon.cli"),
+) -> Cluster:
+    """A local daemon and `n_machines` build machines (sshd + `remote_daemon`, ours by
+    default) sharing the store path with their own stores behind it."""
     need_tools()
     os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege separation directory
     base.chmod(0o755)
@@ -230,7 +239,7 @@ def make_cluster(base: Path, n_machines: int, *local_flags: str) -> Cluster:
         for i in range(n_machines):
             root = base / f"m{i}"
             real = root / "realstore"
-            node = start_node(root, shared, real, "--no-substitutes")
+            node = start_node(root, shared, real, "--no-substitutes", daemon=remote_daemon)
             keys.generate_key_files(str(node.conf))
             keys.authorize_key(str(node.conf), local_pub)
             keys.authorize_key(str(local.conf), (node.conf / "signing-key.pub").read_bytes())

@@ -304,3 +304,37 @@ def test_scheme_code_in_machines_file_is_reported_and_ignored(cluster2: Cluster)
     machines = c.local.conf / "machines.scm"
     assert f"guix offload: error: {machines}:1:0: `(define ...)' is Scheme code" in log
     assert c.offloaded_to(drv) == [] and Path(outs["out"]).read_text() == "local\n"
+
+
+#: An upstream guix-daemon command (the C++ daemon; it must find `guix authenticate` for signed
+#: exports, e.g. a wrapper running it under upstream's pre-inst-env).
+UPSTREAM_DAEMON = os.environ.get("GUIX_UPSTREAM_DAEMON", "")
+
+
+@pytest.mark.skipif(
+    not (UPSTREAM_DAEMON and os.access(UPSTREAM_DAEMON, os.X_OK)),
+    reason="GUIX_UPSTREAM_DAEMON does not name an upstream guix-daemon command",
+)
+def test_offload_to_an_upstream_daemon(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The remote side is upstream's C++ daemon: same worker protocol, same signed exports."""
+    base = Path(tmp_path_factory.mktemp("offload-upstream", numbered=True))
+    c = make_cluster(base, 1, remote_daemon=[UPSTREAM_DAEMON])
+    try:
+        (m0,) = c.machines
+        # The remote really is the command given (its process is not ours).
+        assert (
+            not os.path.samefile(f"/proc/{m0.node.procs[0].pid}/exe", sys.executable)
+            or UPSTREAM_DAEMON in Path(f"/proc/{m0.node.procs[0].pid}/cmdline").read_text()
+        )
+        c.write_machines(c.machine_entry(m0))
+        b = c.connect()
+        drv, outs = b.derivation("upstream-remote", "echo built remotely > $out")
+        b.client.build_paths([drv])
+        assert c.offloaded_to(drv) == [m0.name], "".join(c.logs)
+        assert Path(outs["out"]).read_text() == "built remotely\n"
+        with m0.client() as remote:
+            here, there = b.client.query_path_info(outs["out"]), remote.query_path_info(outs["out"])
+            assert here.nar_hash == there.nar_hash
+        assert not b.client.verify_store(check_contents=True)
+    finally:
+        stop_cluster(c)

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,9 +87,15 @@ def spawn(
     return proc
 
 
-def start_node(root: Path, shared: Path, real_store: Path | None, *flags: str) -> Node:
-    """A daemon whose store directory is `shared`; with `real_store`, backed by that directory
-    in a private mount namespace."""
+def start_node(
+    root: Path,
+    shared: Path,
+    real_store: Path | None,
+    *flags: str,
+    daemon: Sequence[str] = (sys.executable, "-m", "guixsvc.daemon.cli"),
+) -> Node:
+    """A daemon (ours, or the command `daemon`) whose store directory is `shared`; with
+    `real_store`, backed by that directory in a private mount namespace."""
     root.mkdir(parents=True, exist_ok=True)
     shared.mkdir(parents=True, exist_ok=True)
     if real_store is not None:
@@ -98,8 +105,7 @@ def start_node(root: Path, shared: Path, real_store: Path | None, *flags: str) -
     node = Node(root, shared, env, sock)
     proc = spawn(
         node, "daemon",
-        [sys.executable, "-m", "guixsvc.daemon.cli", f"--listen={sock}", "--disable-chroot",
-         *flags],
+        [*daemon, f"--listen={sock}", "--disable-chroot", *flags],
         real_store,
     )  # fmt: skip
     deadline = time.monotonic() + 20
