@@ -591,16 +591,25 @@ in
       // lib.optionalAttrs (!cfg.privileged) {
         # Rootless mode: what `guixsvc units --rootless` renders (units/guix-daemon.service.j2).
         serviceConfig = {
+          # Guix System's run-with-writable-store: root for an instant, the store remounted
+          # writable in the daemon's own mount namespace, then the daemon's user, no
+          # capabilities left.
           ExecStart = [
             ""
-            (execLine ([ "${daemon}/bin/guix-daemon" ] ++ daemonArgs))
+            (execLine (
+              [
+                guixsvc
+                "with-writable-store"
+                cfg.daemonUser
+                cfg.daemonUser
+                "${daemon}/bin/guix-daemon"
+              ]
+              ++ daemonArgs
+            ))
           ];
-          User = cfg.daemonUser;
-          Group = cfg.daemonUser;
-          CapabilityBoundingSet = "";
+          CapabilityBoundingSet = "CAP_SYS_ADMIN CAP_SETUID CAP_SETGID";
           AmbientCapabilities = "";
           NoNewPrivileges = true;
-          SecureBits = "noroot-locked";
           ProtectSystem = "strict";
           ReadWritePaths = [
             storeDir
@@ -622,7 +631,6 @@ in
           ProtectKernelModules = true;
           ProtectControlGroups = true;
           ProtectClock = true;
-          ProtectHostname = true;
           RestrictNamespaces = "user mnt pid net ipc uts";
           RestrictRealtime = true;
           RestrictSUIDSGID = true;
@@ -634,6 +642,13 @@ in
           SystemCallErrorNumber = "EPERM";
           SystemCallArchitectures = "native x86 x32";
         };
+      };
+
+      # Rootless: the configuration directory is the daemon user's (as on Guix System), so the
+      # signing key pair is generated as that user.
+      systemd.services.guix-publish-keygen = mkIf (!cfg.privileged) {
+        serviceConfig.User = cfg.daemonUser;
+        serviceConfig.Group = cfg.daemonUser;
       };
 
       # Guix System's `guix-ownership`: before the daemon starts, the store and Guix's data

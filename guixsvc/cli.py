@@ -24,6 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "download": ("guixsvc.download", "download a file to the store and print its hash"),
     "units": ("guixsvc.units", "render the systemd units"),
     "migrate-store": ("guixsvc.migrate", "hand the store to the rootless daemon's user or root"),
+    "with-writable-store": (
+        "guixsvc.migrate:with_writable_store",
+        "start the rootless daemon: writable store, then USER",
+    ),
     "discover": ("guixsvc.daemon.discover", "discover publish servers with Avahi (guix discover)"),
     "processes": ("guixsvc.processes", "list the daemon's sessions (as guix processes)"),
     "offload": ("guixsvc.offload.cli", "test build machines, show their status (guix offload)"),
@@ -64,7 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             hint(f"Did you mean `{suggestion}'?")
         sys.stderr.write(TRY)
         return 1
-    run: Callable[[Sequence[str]], int] = importlib.import_module(entry[0]).main
+    module, _, function = entry[0].partition(":")
+    run: Callable[[Sequence[str]], int] = getattr(
+        importlib.import_module(module), function or "main"
+    )
     return run(args[1:])
 
 

@@ -200,5 +200,44 @@ def _run(args: _Options) -> int:
     return 0
 
 
+def with_writable_store(argv: Sequence[str] | None = None) -> int:
+    """`guixsvc with-writable-store USER GROUP COMMAND ARGS...` (upstream Guix System's
+    `run-with-writable-store`): as root, make the store writable in a private mount namespace
+    (it stays read-only for everybody else), become USER:GROUP with no supplementary groups and
+    no capabilities left, and exec COMMAND there: the rootless daemon's start.  The process keeps
+    its PID, so systemd's socket (LISTEN_PID) and notifications reach the daemon."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    prog = "guixsvc with-writable-store"
+    if len(words) < 3 or words[0] in ("-h", "--help"):
+        sys.stderr.write(f"Usage: {prog} USER GROUP COMMAND ARGS...\n")
+        return 0 if words[:1] in (["-h"], ["--help"]) else 1
+    user, group, command = words[0], words[1], words[2:]
+    try:
+        import grp
+
+        uid = int(user) if user.isdigit() else pwd.getpwnam(user).pw_uid
+        gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    except KeyError as exc:
+        sys.stderr.write(f"{prog}: error: no such user or group: {exc}\n")
+        return 1
+    if uid == 0:
+        sys.stderr.write(f"{prog}: error: refusing to run the daemon as root\n")
+        return 1
+    from guixsvc.daemon.localstore import make_store_writable
+    from guixsvc.protocol.store_api import StoreError
+    from guixsvc.store.config import StoreConfig
+
+    try:
+        make_store_writable(StoreConfig.from_env().store_dir)
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)  # from root to another uid: every capability is dropped
+        os.execvp(command[0], command)
+    except (OSError, StoreError) as exc:
+        sys.stderr.write(f"{prog}: error: {exc}\n")
+        return 1
+    return 1  # not reached
+
+
 if __name__ == "__main__":
     sys.exit(main())

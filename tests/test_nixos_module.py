@@ -1032,14 +1032,19 @@ def test_rootless_mode() -> None:
     assert "guix-daemon" in result["groups"] and "guixbuild" not in result["groups"]
     daemon = result["services"]["guix-daemon"]
     config = daemon["serviceConfig"]
+    start = exec_words(config["ExecStart"][1])
     assert "--build-users-group" not in config["ExecStart"][1]
-    assert config["User"] == config["Group"] == "guix-daemon"
-    assert config["CapabilityBoundingSet"] == "" and config["NoNewPrivileges"] is True
+    assert start[:5] == ["/pkg/bin/guixsvc", "with-writable-store", "guix-daemon", "guix-daemon",
+                         "/pkg/bin/guix-daemon"]  # fmt: skip
+    assert config["CapabilityBoundingSet"] == "CAP_SYS_ADMIN CAP_SETUID CAP_SETGID"
+    assert config["NoNewPrivileges"] is True
     assert config["RestrictNamespaces"] == "user mnt pid net ipc uts"
     assert "/gnu/store" in config["ReadWritePaths"]
     assert "guix-ownership.service" in daemon["requires"]
     ownership = result["services"]["guix-ownership"]
     assert "migrate-store --to-user=guix-daemon" in ownership["script"]
+    keygen = result["services"]["guix-publish-keygen"]["serviceConfig"]
+    assert keygen["User"] == keygen["Group"] == "guix-daemon"
     assert "install -d -m 0755 -o guix-daemon" in result["activation"]["guix"]["text"]
     # Back to root: the same unit gives the store back.
     root = evaluate({"enable": True})

@@ -94,3 +94,26 @@ def test_usage() -> None:
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert result.returncode != 0 and "--to-user" in result.stderr
+
+
+def test_with_writable_store_refuses_root_and_drops_privileges(
+    base_dir: Path, daemon_user: tuple[int, int]
+) -> None:
+    from guixsvc.migrate import with_writable_store
+
+    assert with_writable_store(["root", "root", "true"]) == 1
+    assert with_writable_store([]) == 1
+    # In a child: the command runs as the user, no supplementary groups, no capabilities.
+    out = base_dir / "ids"
+    out.write_text("")
+    os.chown(out, *daemon_user)
+    env = {**os.environ, "NIX_STORE_DIR": str(base_dir)}
+    script = f"id -u > {out}; id -G >> {out}; grep CapEff /proc/self/status >> {out}"
+    subprocess.run(
+        [sys.executable, "-m", "guixsvc.cli", "with-writable-store", str(daemon_user[0]),
+         str(daemon_user[1]), "/bin/sh", "-c", script],
+        env=env, check=True, cwd="/",
+    )  # fmt: skip
+    uid, groups, caps = out.read_text().splitlines()
+    assert (int(uid), groups) == (daemon_user[0], str(daemon_user[1]))
+    assert caps.split()[1] == "0" * 16

@@ -49,11 +49,12 @@ def build_wheel(dest: Path) -> Path:
     return wheels[-1]
 
 
-def render_units(dest: Path) -> Path:
-    """Units for a machine where pip installed our console scripts in /usr/local/bin."""
+def render_units(dest: Path, *, rootless: bool = False) -> Path:
+    """Units for a machine where pip installed our console scripts in /usr/local/bin
+    (`rootless`: `guixsvc units --rootless`, the daemon as the `guix-daemon` user)."""
     from guixsvc.units import UnitSettings, render, write_units
 
-    rendered = render(UnitSettings(prefix="/usr/local"))
+    rendered = render(UnitSettings(prefix="/usr/local", rootless=rootless))
     write_units(rendered, dest / "units", dest / "sysusers.conf")
     return dest
 
@@ -68,8 +69,11 @@ def find_busybox() -> str | None:
     return None
 
 
-def provision(machine: Machine, wheel: Path, rendered: Path, busybox: str | None) -> float:
-    """Install guixsvc and its units into the machine's root before it boots."""
+def provision(
+    machine: Machine, wheel: Path, rendered: Path, busybox: str | None, *, rootless: bool = False
+) -> float:
+    """Install guixsvc and its units into the machine's root before it boots (`rootless`: the
+    store and data directories handed to `guix-daemon` by `guixsvc migrate-store`)."""
     started = time.monotonic()
     machine._mount_overlay()
     root = machine.merged
@@ -91,6 +95,7 @@ def provision(machine: Machine, wheel: Path, rendered: Path, busybox: str | None
             f"--root-user-action=ignore {PROVISION_DIR}/{wheel.name}",
             "systemd-sysusers",
             "mkdir -p /gnu/store /var/guix /etc/guix",
+            *(["guixsvc migrate-store --to-user=guix-daemon"] if rootless else []),
             "systemctl enable " + " ".join(ENABLED_UNITS),
         ]
     )

@@ -66,6 +66,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     work = tmp_path_factory.mktemp("e2e-build")
     wheel = harness.build_wheel(work / "wheel")
     rendered = harness.render_units(work)
+    harness.render_units(work / "rootless", rootless=True)
     _timed("wheel + units", started)
     return wheel, rendered
 
@@ -77,11 +78,12 @@ def machines(e2e_root: Path, built: tuple[Path, Path]) -> Iterator[Callable[...,
     made: list[Machine] = []
     workdir = Path(tempfile.mkdtemp(prefix="guixsvc-e2e-"))
 
-    def make(name: str, network_zone: str | None = None) -> Machine:
+    def make(name: str, network_zone: str | None = None, rootless: bool = False) -> Machine:
         machine = Machine(name, e2e_root, workdir, network_zone=network_zone)
         made.append(machine)
+        units = rendered / "rootless" if rootless else rendered
         TIMINGS[f"provision {name}"] = round(
-            harness.provision(machine, wheel, rendered, busybox), 2
+            harness.provision(machine, wheel, units, busybox, rootless=rootless), 2
         )
         return machine
 
@@ -138,3 +140,29 @@ def test_gc_timer(machines: Callable[..., Machine]) -> None:
     machine = machines("gc")
     machine.start()
     _run(lambda: gc_timer.run(machine), "scenario gc")
+
+
+def test_rootless(machines: Callable[..., Machine]) -> None:
+    """`guixsvc units --rootless`: socket activation and a sandboxed build in user namespaces
+    (scenario daemon with the guest ids), the daemon as `guix-daemon` without capabilities,
+    publish and gc on its store, and the unit's `systemd-analyze security` exposure."""
+    machine = machines("rootless", rootless=True)
+    machine.start()
+    busybox = harness.BUSYBOX if harness.find_busybox() else None
+    _run(lambda: daemon_socket.run(machine, busybox=busybox, rootless=True), "scenario rootless")
+    pid = machine.succeed("systemctl show -P MainPID guix-daemon.service").strip()
+    assert machine.succeed(f"ps -o user= -p {pid}").strip() == "guix-daemon"
+    assert machine.succeed(f"grep CapEff /proc/{pid}/status").split()[1] == "0" * 16
+    assert machine.succeed("stat -c %U /gnu/store").strip() == "guix-daemon"
+    machine.fail("touch /gnu/store/e2e-rootless-evil")
+    machine.succeed(
+        "python3 -c 'import urllib.request; "
+        'urllib.request.urlopen("http://127.0.0.1:8181/nix-cache-info").read()\''
+    )
+    machine.succeed("systemctl start guix-gc.service")
+    assert machine.succeed("systemctl show -P Result guix-gc.service").strip() == "success"
+    exposure = machine.succeed("systemd-analyze security --no-pager guix-daemon.service | tail -1")
+    print(f"e2e rootless guix-daemon.service: {exposure.strip()}", flush=True)
+    level = float(exposure.split(":")[1].split()[0])
+    TIMINGS["rootless exposure"] = level
+    assert level <= 5.0

@@ -145,7 +145,8 @@ def test_rootless_units(tmp_path: Path) -> None:
     assert {p.name for p in out.iterdir()} == UNITS
     daemon = (out / "guix-daemon.service").read_text()
     assert "--build-users-group" not in daemon
-    for line in ("User=guix-daemon", "Group=guix-daemon", "CapabilityBoundingSet=\n",
+    for line in ("guixsvc with-writable-store guix-daemon guix-daemon ",
+                 "CapabilityBoundingSet=CAP_SYS_ADMIN CAP_SETUID CAP_SETGID\n",
                  "AmbientCapabilities=\n", "NoNewPrivileges=yes", "ProtectSystem=strict",
                  "ReadWritePaths=/gnu/store /var/guix /var/log/guix",
                  "RestrictNamespaces=user mnt pid net ipc uts"):  # fmt: skip
@@ -167,4 +168,4 @@ def test_rootless_units(tmp_path: Path) -> None:
 def test_cli_rootless(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--rootless", "--daemon-user=guixd"]) == 0
     text = capsys.readouterr().out
-    assert "User=guixd" in text and "u guixd - " in text
+    assert "with-writable-store guixd guixd " in text and "u guixd - " in text
