@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from guixsvc.gc.busy import busy_store_items
+from guixsvc.daemon.busy import busy_store_items
 from guixsvc.protocol.ops import GCAction, GCRequest
 from guixsvc.protocol.store_api import GCResult, StoreError
 from guixsvc.store import roots as gcroots

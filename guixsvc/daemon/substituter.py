@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING
 from urllib.parse import unquote, urljoin, urlsplit
 
 from guixsvc.pki import keys
-from guixsvc.publish.compression import decompressor
 from guixsvc.store import base32, nar
+from guixsvc.store.compression import decompressor
 from guixsvc.store.narinfo import Narinfo, NarinfoError, best_entries, parse_narinfo, select_hit
 from guixsvc.store.paths import InvalidStorePath, StorePath
 

@@ -30,8 +30,8 @@ from guixsvc.cliargs import (
     run_command,
     version_option,
 )
+from guixsvc.daemon.busy import busy_store_items
 from guixsvc.gc import profiles
-from guixsvc.gc.busy import busy_store_items
 from guixsvc.gc.units import number_to_size, parse_duration, size_to_number
 from guixsvc.protocol.client import DaemonClient, DaemonError
 from guixsvc.protocol.ops import GCAction

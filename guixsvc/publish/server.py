@@ -39,10 +39,10 @@ from guixsvc import __version__
 from guixsvc.pki import keys
 from guixsvc.protocol.client import DaemonClient, DaemonError, default_socket
 from guixsvc.publish.cli import PublishOptions
-from guixsvc.publish.compression import compressor
 from guixsvc.publish.memo import NarinfoMemo, item_signature
 from guixsvc.publish.narstream import FileRegion, nar_parts, send_file_region
 from guixsvc.store import base32, nar
+from guixsvc.store.compression import compressor
 from guixsvc.store.config import StoreConfig
 from guixsvc.store.narinfo import render_narinfo
 from guixsvc.store.paths import InvalidName, InvalidStorePath, StorePath, check_name
