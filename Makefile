@@ -54,6 +54,7 @@ run: $(RUN_STAMP)
 lint: setup
 	$(VENV)/bin/ruff check guixsvc tests bench
 	$(VENV)/bin/ruff format --check guixsvc tests bench
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_layers.py
 
 test: setup
 	$(VENV)/bin/ruff check guixsvc tests bench
