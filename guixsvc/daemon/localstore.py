@@ -17,6 +17,7 @@ import os
 import pwd
 import re
 import stat
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -47,7 +48,7 @@ from guixsvc.protocol.wire import (
     encode_strings,
 )
 from guixsvc.store import base32, nar, roots
-from guixsvc.store.canonical import canonicalise
+from guixsvc.store.canonical import MTIME_STORE, canonicalise
 from guixsvc.store.config import StoreConfig
 from guixsvc.store.db import InvalidPathError, StoreDatabase, ValidPathInfo, ensure_reserved
 from guixsvc.store.derivation import (
@@ -57,9 +58,10 @@ from guixsvc.store.derivation import (
     parse_derivation,
     read_derivation,
 )
+from guixsvc.store.derived_path import DerivedPath
 from guixsvc.store.hashes import UnknownHashType, new_hasher, parse_db_hash
 from guixsvc.store.locks import PathLocks, delete_lock_file, lock_fd, open_lock_file
-from guixsvc.store.optimise import optimise_path, optimise_store
+from guixsvc.store.optimise import DEDUPLICATION_MIN_SIZE, optimise_path, optimise_store
 from guixsvc.store.paths import InvalidName, InvalidStorePath, StorePath, check_name
 from guixsvc.store.safefs import remove_tree
 
@@ -70,6 +72,7 @@ LVL_ERROR, LVL_INFO, LVL_TALKATIVE, LVL_CHATTY, LVL_DEBUG = range(5)
 Logger = Callable[[int, str], None]
 
 _staging_counter = itertools.count()
+_NS = 1_000_000_000
 T = TypeVar("T")
 
 
@@ -131,6 +134,20 @@ def initialise_store(config: StoreConfig, settings: Settings) -> None:
     db = StoreDatabase.open(config.db_dir)
     db.close()
     sweep_store(config)
+
+
+def _rename_into_place(staged: str, dest: str) -> None:
+    """`rename(staged, dest)`, removing whatever is at `dest` first if it is in the way.
+
+    rename(2) replaces a file (or an empty directory, for a directory) atomically and never
+    follows a symlink at `dest`; anything else (a non-empty directory, a file in place of a
+    directory or the reverse) is removed and the rename tried again.
+    """
+    try:
+        os.rename(staged, dest)
+    except OSError:
+        delete_path(dest)
+        os.rename(staged, dest)
 
 
 def delete_path(path: str) -> None:
@@ -378,8 +395,11 @@ class LocalStore:
     def _not_valid(self, sp: StorePath) -> StoreError:
         return StoreError(f"path `{self._path(sp)}' is not valid")
 
+    def _new_staging_name(self) -> str:
+        return f"{self.config.store_dir}/nix-{os.getpid()}-{next(_staging_counter)}"
+
     def _staging_path(self) -> str:
-        staged = os.path.join(self.config.store_dir, f"nix-{os.getpid()}-{next(_staging_counter)}")
+        staged = self._new_staging_name()
         self._roots().add(staged)
         delete_path(staged)
         return staged
@@ -415,29 +435,39 @@ class LocalStore:
         nar_hash: bytes | None = None,
         nar_size: int | None = None,
         deriver: StorePath | None = None,
+        canonical: bool = False,
+        checked: bool = False,
+        dedup: bool = True,
     ) -> None:
         """Move a staged item into place and register it, unless the path is already valid.
 
-        The staged tree is removed in every case where it is not installed.
+        The staged tree is removed in every case where it is not installed.  `canonical`: the
+        staged item already has its canonical metadata (a file written with its final mode and
+        mtime); `checked`: the caller rooted `sp` and found it invalid just before; `dedup`
+        False: nothing in the item can be deduplicated (a regular file below upstream's
+        `deduplicationMinSize`).
         """
         dest = self._path(sp)
+        installed = False
         try:
-            self.add_temp_root(sp)
-            if self.db.is_valid(dest):
-                return
+            if not checked:
+                self.add_temp_root(sp)
+                if self.db.is_valid(dest):
+                    return
             with PathLocks([dest]) as locks:
                 # The lock file is not needed afterwards, whether the install succeeds or not:
                 # a failure must not leave `<dest>.lock` behind in the store.
                 locks.set_deletion(True)
                 if self.db.is_valid(dest):
                     return
-                delete_path(dest)
-                canonicalise(staged)
-                os.rename(staged, dest)
+                if not canonical:
+                    canonicalise(staged)
+                _rename_into_place(staged, dest)
+                installed = True
                 try:
                     if nar_hash is None:
                         nar_hash, nar_size = nar.hash_path(dest)
-                    if self.settings.get_bool("auto-optimise-store"):
+                    if dedup and self.settings.get_bool("auto-optimise-store"):
                         optimise_path(self.config.store_dir, dest)
                     drv_contents = None
                     if sp.is_derivation and os.path.isfile(dest) and not os.path.islink(dest):
@@ -450,9 +480,11 @@ class LocalStore:
                         references=frozenset(self._path(r) for r in references),
                         deriver=self._path(deriver) if deriver else None,
                     )
-                    with self.db.transaction():
-                        self.db.register_valid_paths([info])
-                        if drv_contents is not None:
+                    if drv_contents is None:
+                        self.db.register_valid_paths([info])  # a transaction of its own
+                    else:
+                        with self.db.transaction():
+                            self.db.register_valid_paths([info])
                             self._register_derivation(sp, drv_contents)
                 except InvalidPathError as exc:
                     delete_path(dest)
@@ -462,7 +494,8 @@ class LocalStore:
                     raise
                 locks.set_deletion(True)
         finally:
-            delete_path(staged)
+            if not installed:
+                delete_path(staged)
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -515,21 +548,55 @@ class LocalStore:
         except InvalidName as exc:
             raise StoreError(str(exc)) from None
         # Root first, then look: a collection between the two cannot delete what we return.
-        self.add_temp_root(sp)
-        if self.db.is_valid(self._path(sp)):
+        dest = self._path(sp)
+        if dest not in self._rooted:
+            # The staging name's root goes in the same append (one lock window, one write).
+            staged = self._new_staging_name()
+            self._roots().add_many((dest, staged))
+            self._rooted.add(dest)
+        else:
+            staged = None
+        if self.db.is_valid(dest):
             return sp
-        staged = self._staging_path()
-        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+        if staged is None:
+            staged = self._new_staging_name()
+            self._roots().add(staged)
+        self._write_staged_file(staged, contents)
+        archive = nar.dump_regular(contents)
+        nar_hash, nar_size = hashlib.sha256(archive).digest(), len(archive)
+        self._install(
+            sp,
+            staged,
+            references,
+            nar_hash=nar_hash,
+            nar_size=nar_size,
+            canonical=True,
+            checked=True,
+            dedup=len(contents) >= DEDUPLICATION_MIN_SIZE,
+        )
+        return sp
+
+    def _write_staged_file(self, staged: str, contents: bytes) -> None:
+        """Write `contents` to the (rooted) staging name with canonical metadata: mode 0444,
+        owned by us, mtime 1 — what `canonicalise` would give it, set through the descriptor."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(staged, flags, 0o444)
+        except FileExistsError:  # left by a dead process that had our pid
+            delete_path(staged)
+            fd = os.open(staged, flags, 0o444)
         try:
             view = memoryview(contents)
             while view:
                 view = view[os.write(fd, view) :]
-        finally:
+            os.fchmod(fd, 0o444)  # whatever the umask
+            now = int(time.time()) * _NS  # upstream keeps the atime's seconds
+            os.utime(fd, ns=(now, MTIME_STORE * _NS))
+        except BaseException:
             os.close(fd)
-        archive = nar.dump_regular(contents)
-        nar_hash, nar_size = hashlib.sha256(archive).digest(), len(archive)
-        self._install(sp, staged, references, nar_hash=nar_hash, nar_size=nar_size)
-        return sp
+            delete_path(staged)
+            raise
+        os.close(fd)
 
     def add_to_store(self, request: AddToStoreRequest, feed_nar: NarFeeder) -> StorePath:
         recursive, algo = request.recursive, request.algo
@@ -714,13 +781,14 @@ class LocalStore:
     # -- building (owned by guixsvc.daemon.build) ------------------------------------------------
 
     def _outputs_valid(self, item: str) -> bool:
-        path, _, wanted = item.partition("!")
-        if not path.endswith(".drv"):
+        derived = DerivedPath.parse(item)
+        path = derived.path
+        if not derived.is_derivation:
             return self.db.is_valid(path)
         if not self.db.is_valid(path):
             return False
         outputs = self.db.derivation_outputs(path)
-        names = wanted.split(",") if wanted else list(outputs)
+        names = derived.outputs or list(outputs)
         return all(n in outputs and self.db.is_valid(outputs[n]) for n in names)
 
     def build_paths(self, items: list[str], mode: BuildMode) -> None:

@@ -625,11 +625,16 @@ class StoreDatabase:
                         )
                     )
             # Inserts first: an update of a path that occurs twice in the batch must follow
-            # its insert, which is what sequential processing would do.
-            conn.executemany(_SQL_REGISTER, inserts)
-            conn.executemany(_SQL_UPDATE, updates)
-
+            # its insert, which is what sequential processing would do.  An insert's row id
+            # is the cursor's `lastrowid` (no query needed).
             ids: dict[str, int] = {}
+            for row in inserts:
+                rowid = conn.execute(_SQL_REGISTER, row).lastrowid
+                assert rowid is not None
+                ids[row[0]] = rowid
+            if updates:
+                conn.executemany(_SQL_UPDATE, updates)
+
             for info in items:
                 if info.path not in ids:
                     pid = self._path_id(conn, info.path)
@@ -647,8 +652,10 @@ class StoreDatabase:
                             raise InvalidPathError(ref)
                         ids[ref] = rid
                     refs.append((referrer, rid))
-            conn.executemany(_SQL_ADD_REF, refs)
-            self._check_cycles(conn, batch_ids)
+            if refs:
+                conn.executemany(_SQL_ADD_REF, refs)
+            if len(batch_ids) > 1:  # one path alone has no cycle (self-references are allowed)
+                self._check_cycles(conn, batch_ids)
 
     def _check_cycles(self, conn: sqlite3.Connection, batch: dict[str, int]) -> None:
         """Depth-first search over references within `batch` (as upstream's topoSortPaths)."""
