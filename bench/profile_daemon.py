@@ -1,6 +1,6 @@
 """Profile our daemon's per-connection workers with cProfile, one workload per connection.
 
-The daemon forks a worker per connection (guixsvc/daemon/server.py), so a profiler attached to
+The daemon forks a worker per connection (guixsvc/daemon/pool.py), so a profiler attached to
 the main process sees nothing of the request path.  This helper runs the daemon with `os.fork`
 and `os._exit` wrapped: a forked child profiles itself from the fork on and dumps its stats when
 it exits.  It then drives one connection per workload (handshakes, add-text, valid-path?,

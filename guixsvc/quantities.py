@@ -1,8 +1,9 @@
-"""Sizes and durations as `guix gc` reads and prints them (`guix/ui.scm`).
+"""Sizes and durations as the Scheme commands read and print them (`guix/ui.scm`).
 
-`-C 5G`, `-F 10GiB` and `-d 2m` must mean what they mean to upstream, and the "freed …" lines
-must read the same, so the grammars of `size->number`, `string->duration` and `number->size`
-live here (spec gc.md §7.2, §7.6).
+`guix gc -C 5G`, `-F 10GiB`, `-d 2m` and `guix publish --cache-bypass-threshold=10M` must mean
+what they mean to upstream, and the "freed …" lines must read the same, so the grammars of
+`size->number`, `string->duration` and `number->size` live here, once, for every command
+(spec gc.md §7.2, §7.6).
 """
 
 from __future__ import annotations

@@ -24,6 +24,8 @@ ALLOWED: dict[str, set[str]] = {
     "protocol": {"store", "pki"},
     # cliargs is the shared command-line library (SRFI-37 parsing, error texts, exit codes).
     "cliargs": {"store", "pki", "protocol"},
+    # quantities: sizes and durations of the Scheme commands (gc, publish).
+    "quantities": {"cliargs"},
     # avahi is the D-Bus client of avahi-daemon (publish advertises, the daemon discovers).
     "avahi": set(),
     "daemon": {"store", "pki", "protocol", "cliargs", "avahi"},

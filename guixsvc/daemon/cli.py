@@ -350,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _die(str(exc))
     except listen.ListenError as exc:
         _die(str(exc))
-    from guixsvc.daemon.server import run_daemon
+    from guixsvc.daemon.pool import run_daemon
 
     try:
         return run_daemon(settings, args.listen, sockets=sockets)

@@ -32,10 +32,10 @@ from guixsvc.cliargs import (
 )
 from guixsvc.daemon.busy import busy_store_items
 from guixsvc.gc import profiles
-from guixsvc.gc.units import number_to_size, parse_duration, size_to_number
 from guixsvc.protocol.client import DaemonClient, DaemonError
 from guixsvc.protocol.ops import GCAction
 from guixsvc.protocol.wire import ProtocolError
+from guixsvc.quantities import number_to_size, parse_duration, size_to_number
 from guixsvc.store.config import StoreConfig
 
 __all__ = ["Options", "main", "parse_args"]

@@ -25,7 +25,7 @@ from guixsvc.cliargs import (
     run_command,
     version_option,
 )
-from guixsvc.gc.units import size_to_number
+from guixsvc.quantities import size_to_number
 
 PROG = "guix publish"
 DEFAULT_PORT = 8080

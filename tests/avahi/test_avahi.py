@@ -264,14 +264,14 @@ def test_without_avahi(tmp_path: Path) -> None:
 
 
 def _daemon_wired() -> bool:
-    return "start_discovery" in (ROOT / "guixsvc" / "daemon" / "server.py").read_text()
+    return "start_discovery" in (ROOT / "guixsvc" / "daemon" / "pool.py").read_text()
 
 
 def test_daemon_discover_substitutes_from_advertised_server(lan: Lan) -> None:
     """B's daemon with --discover=yes finds A's `publish --advertise` and substitutes from it
     (both stores live at the same path: each machine bind-mounts its own directory there)."""
     if not _daemon_wired():
-        pytest.skip("guixsvc/daemon/server.py does not call discover.start_discovery yet")
+        pytest.skip("guixsvc/daemon/pool.py does not call discover.start_discovery yet")
     from guixsvc.protocol.client import DaemonClient
 
     shared = lan.base / "gnu-store"

@@ -14,7 +14,7 @@ import pytest
 from guixsvc.cliargs import Unrecognized
 from guixsvc.gc import profiles
 from guixsvc.gc.cli import direct_store_path, parse_args
-from guixsvc.gc.units import UsageError, number_to_size, parse_duration, size_to_number
+from guixsvc.quantities import UsageError, number_to_size, parse_duration, size_to_number
 from guixsvc.store.db import StoreDatabase, ValidPathInfo
 from tests.conftest import Daemon, start_daemon, stop_daemon
 from tests.gc.conftest import run_gc

@@ -71,7 +71,7 @@ def run_daemon(
     """Serve until told to stop; `sockets` are already listening (`guix-daemon` opens them
     before importing this module), else they are opened from `listen_specs` here."""
     listen.setup_logging(settings.debug)
-    # Named as upstream's processes are, for `guix processes` (sessions: see _Worker._serve).
+    # Named as upstream's processes are, for `guix processes` (sessions: see _PoolWorker._serve).
     args = sys.argv[1:]
     if os.path.basename(sys.argv[0]) == "guixsvc" and args[:1] == ["daemon"]:
         args = args[1:]
@@ -224,7 +224,7 @@ class _Pool:
         status = 0
         try:
             os.close(self.status_r)
-            _Worker(self.sockets, self.status_w, self.config, self.settings, parent).run()
+            _PoolWorker(self.sockets, self.status_w, self.config, self.settings, parent).run()
         except _Stop:  # told to stop before it served anyone: a normal exit
             pass
         except BaseException:  # a worker must never return into the main loop
@@ -237,7 +237,7 @@ class _Pool:
             os._exit(status)
 
 
-class _Worker:
+class _PoolWorker:
     """A forked process serving one connection after another."""
 
     def __init__(

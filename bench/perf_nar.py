@@ -1,4 +1,4 @@
-"""Quick NAR throughput self-check (not a test): `python -m tests.store.perf_nar [MB] [FILES]`.
+"""Quick NAR throughput self-check (not a test): `python bench/perf_nar.py [MB] [FILES]`.
 
 Builds a tree of about 50 MB in 2000 files (sizes spread from a few bytes to ~100 KiB, a few
 larger files, some subdirectories), then times `nar.dump` (plus hashing), `NarParser` with a
