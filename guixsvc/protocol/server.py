@@ -164,8 +164,11 @@ class ServerConnection:
     # -- output ------------------------------------------------------------------------------
 
     def data_to_send(self) -> bytes:
-        data = b"".join(self._out)
-        self._out.clear()
+        out = self._out
+        if not out:
+            return b""
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
         return data
 
     def send(self, data: bytes) -> None:

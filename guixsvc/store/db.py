@@ -94,8 +94,10 @@ _SQL_REGISTER = (
 )
 _SQL_UPDATE = "update ValidPaths set narSize = ?, hash = ? where path = ?"
 _SQL_ADD_REF = "insert or replace into Refs (referrer, reference) values (?, ?)"
-_SQL_PATH_INFO = (
-    "select id, hash, registrationTime, deriver, narSize from ValidPaths where path = ?"
+_SQL_PATH_INFO_REFS = (
+    "select v.hash, v.registrationTime, v.deriver, v.narSize, r.path from ValidPaths v"
+    " left join Refs f on f.referrer = v.id left join ValidPaths r on r.id = f.reference"
+    " where v.path = ?"
 )
 _SQL_PATH_ID = "select id from ValidPaths where path = ?"
 _SQL_REFERENCES = (
@@ -497,6 +499,12 @@ class StoreDatabase:
         return self._retry(lambda: self._path_id(conn, path))
 
     def is_valid(self, path: str) -> bool:
+        conn = self._connection()
+        try:  # the common case without the retry machinery (a closure and two calls)
+            return conn.execute(_SQL_PATH_ID, (path,)).fetchone() is not None
+        except sqlite3.OperationalError as e:
+            if self._depth or not _busy(e):
+                raise
         return self.path_id(path) is not None
 
     def valid_subset(self, paths: Iterable[str]) -> list[str]:
@@ -513,11 +521,12 @@ class StoreDatabase:
         conn = self._connection()
 
         def run() -> ValidPathInfo | None:
-            row = conn.execute(_SQL_PATH_INFO, (path,)).fetchone()
-            if row is None:
+            # One statement: the row and its references (NULL for a path without any).
+            rows = conn.execute(_SQL_PATH_INFO_REFS, (path,)).fetchall()
+            if not rows:
                 return None
-            pid, nar_hash, reg_time, deriver, nar_size = row
-            refs = frozenset(r for (r,) in conn.execute(_SQL_REFERENCES, (pid,)))
+            nar_hash, reg_time, deriver, nar_size, _ = rows[0]
+            refs = frozenset(r[4] for r in rows if r[4] is not None)
             return ValidPathInfo(
                 path=path,
                 nar_hash=nar_hash,
