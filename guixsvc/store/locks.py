@@ -40,6 +40,7 @@ __all__ = [
     "PathLocks",
     "SysError",
     "UnsafeLockFile",
+    "debug_wanted",
     "delete_lock_file",
     "emit",
     "lock_fd",
@@ -63,6 +64,12 @@ _PY_LEVELS = {
     LVL_ERROR: logging.ERROR,
     LVL_INFO: logging.INFO,
 }
+
+
+def debug_wanted(log: MessageLog | None) -> bool:
+    """Whether a debug message to `log` could go anywhere: callers on hot paths test this
+    before formatting one (with no `log`, Python logging's DEBUG level decides)."""
+    return log is not None or _logger.isEnabledFor(logging.DEBUG)
 
 
 def emit(log: MessageLog | None, level: int, message: str) -> None:

@@ -31,6 +31,7 @@ from guixsvc.store.locks import (
     LVL_INFO,
     MessageLog,
     SysError,
+    debug_wanted,
     emit,
     lock_fd,
     open_lock_file,
@@ -282,12 +283,15 @@ class TempRoots:
 
     def _append(self, data: bytes) -> None:
         fd = self._ensure_fd()
-        emit(self._log, LVL_DEBUG, f"acquiring write lock on `{self.path}'")
+        debug = debug_wanted(self._log)  # no message formatting per append otherwise
+        if debug:
+            emit(self._log, LVL_DEBUG, f"acquiring write lock on `{self.path}'")
         lock_fd(fd, "w", True)
         try:
             _write_all(fd, data)
         finally:
-            emit(self._log, LVL_DEBUG, f"downgrading to read lock on `{self.path}'")
+            if debug:
+                emit(self._log, LVL_DEBUG, f"downgrading to read lock on `{self.path}'")
             lock_fd(fd, "r", True)
 
     def add(self, path: str) -> None:
