@@ -14,7 +14,6 @@ import re
 import socket
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 from guixsvc.cliargs import (
     BUG_REPORT,
@@ -25,34 +24,13 @@ from guixsvc.cliargs import (
     run_command,
     version_option,
 )
+from guixsvc.publish.options import PublishOptions
 from guixsvc.quantities import size_to_number
 
 PROG = "guix publish"
-DEFAULT_PORT = 8080
-DEFAULT_BYPASS = 10 * 1024 * 1024
 SNDBUF = 212992
 
 _DURATION_UNITS = {"s": 1, "h": 3600, "d": 86400, "w": 7 * 86400, "m": 30 * 86400}
-
-
-@dataclass
-class PublishOptions:
-    port: int = DEFAULT_PORT
-    listen: str | None = None
-    address: tuple[str, int] | None = None
-    family: int = socket.AF_INET
-    user: str | None = None
-    advertise: bool = False
-    compressions: list[tuple[str, int]] = field(default_factory=list)
-    cache: str | None = None
-    bypass_threshold: int = DEFAULT_BYPASS
-    workers: int = os.cpu_count() or 1
-    ttl: int | None = None
-    negative_ttl: int | None = None
-    nar_path: tuple[str, ...] = ("nar",)
-    public_key: str | None = None
-    private_key: str | None = None
-    warnings: list[str] = field(default_factory=list)
 
 
 def parse_duration(text: str) -> int:

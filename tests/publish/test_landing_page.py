@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from guixsvc.pki import keys
-from guixsvc.publish.server import render_landing_page
+from guixsvc.publish.landing import render_landing_page
 from guixsvc.store.narinfo import parse_narinfo
 from tests.substitutes.helpers import Node, start_node, start_publish, stop_node
 

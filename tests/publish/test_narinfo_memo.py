@@ -197,7 +197,7 @@ def _is_zombie(pid: int) -> bool:
 
 def test_request_log_is_written_in_whole_lines(monkeypatch: pytest.MonkeyPatch) -> None:
     """Several processes share stdout: each write() must be whole lines of at most PIPE_BUF."""
-    from guixsvc.publish import server
+    from guixsvc.publish import metrics
 
     pieces: list[bytes] = []
 
@@ -213,8 +213,8 @@ def test_request_log_is_written_in_whole_lines(monkeypatch: pytest.MonkeyPatch) 
         def flush(self) -> None:
             pass
 
-    monkeypatch.setattr(server.os, "write", fake_write)
-    log = server.LineLog(Stream())
+    monkeypatch.setattr(metrics.os, "write", fake_write)
+    log = metrics.LineLog(Stream())
     lines = [f"GET /{'x' * (i % 700)}.narinfo\n" for i in range(400)]
     for line in lines:
         log.write(line)
