@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from guixsvc.protocol.wire import ProtocolError, WireReader
+from guixsvc.store.derived_path import DerivedPath
 from guixsvc.store.paths import InvalidStorePath, StoreDir, StorePath
 
 WORKER_MAGIC_1 = 0x6E697863
@@ -191,7 +192,7 @@ def _read_build_paths(reader: WireReader, store: StoreDir, client_minor: int) ->
     def item(r: WireReader) -> str:
         text = r.read_string()
         try:
-            store.parse_lax(text.split("!", 1)[0])
+            DerivedPath.parse(text, store)
         except InvalidStorePath as exc:
             raise ProtocolError(str(exc)) from None
         return text

@@ -35,6 +35,7 @@ from guixsvc.store import base32, nar
 from guixsvc.store.canonical import canonicalise
 from guixsvc.store.db import ValidPathInfo
 from guixsvc.store.derivation import Derivation, DerivationError, read_derivation
+from guixsvc.store.derived_path import DerivedPath
 from guixsvc.store.hashes import parse_db_hash
 from guixsvc.store.locks import PathLocks
 from guixsvc.store.optimise import optimise_path
@@ -241,9 +242,10 @@ class Worker:
         top: list[tuple[str, Goal | None]] = []
         failed_paths: list[str] = []
         for item in items:
-            path, bang, outs = item.partition("!")
-            if path.endswith(".drv"):
-                g = self.goal(path, set(outs.split(",")) if bang and outs else None)
+            derived = DerivedPath.parse(item)
+            path = derived.path
+            if derived.is_derivation:
+                g = self.goal(path, set(derived.outputs) if derived.outputs else None)
                 g.top_level = True
                 top.append((path, g))
             elif self.mode != BuildMode.NORMAL:
