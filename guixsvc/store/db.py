@@ -92,6 +92,7 @@ create table if not exists FailedPaths (
 _SQL_REGISTER = (
     "insert into ValidPaths (path, hash, registrationTime, deriver, narSize) values (?, ?, ?, ?, ?)"
 )
+_SQL_REGISTER_NEW = _SQL_REGISTER + " on conflict (path) do nothing"
 _SQL_UPDATE = "update ValidPaths set narSize = ?, hash = ? where path = ?"
 _SQL_ADD_REF = "insert or replace into Refs (referrer, reference) values (?, ?)"
 _SQL_PATH_INFO_REFS = (
@@ -615,32 +616,28 @@ class StoreDatabase:
     def _register(self, items: list[ValidPathInfo]) -> None:
         now = int(time.time())
         with self.transaction() as conn:
-            inserts: list[tuple[str, str, int, str | None, int | None]] = []
+            # Insert, in one statement that is a no-op for a path already there (then its row
+            # gets the update); a row id is the cursor's `lastrowid`, no query needed.  Updates
+            # come after the inserts: an update of a path that occurs twice in the batch must
+            # follow its insert, which is what sequential processing would do.
             updates: list[tuple[int | None, str, str]] = []
-            new_paths: set[str] = set()
+            ids: dict[str, int] = {}
             for info in items:
                 size = info.nar_size or None
-                if info.path in new_paths or self._path_id(conn, info.path) is not None:
-                    updates.append((size, info.nar_hash, info.path))
-                else:
-                    new_paths.add(info.path)
-                    inserts.append(
-                        (
-                            info.path,
-                            info.nar_hash,
-                            info.registration_time or now,
-                            info.deriver or None,
-                            size,
-                        )
+                if info.path not in ids:
+                    row = (
+                        info.path,
+                        info.nar_hash,
+                        info.registration_time or now,
+                        info.deriver or None,
+                        size,
                     )
-            # Inserts first: an update of a path that occurs twice in the batch must follow
-            # its insert, which is what sequential processing would do.  An insert's row id
-            # is the cursor's `lastrowid` (no query needed).
-            ids: dict[str, int] = {}
-            for row in inserts:
-                rowid = conn.execute(_SQL_REGISTER, row).lastrowid
-                assert rowid is not None
-                ids[row[0]] = rowid
+                    cur = conn.execute(_SQL_REGISTER_NEW, row)
+                    if cur.rowcount == 1:
+                        assert cur.lastrowid is not None
+                        ids[info.path] = cur.lastrowid
+                        continue
+                updates.append((size, info.nar_hash, info.path))
             if updates:
                 conn.executemany(_SQL_UPDATE, updates)
 
