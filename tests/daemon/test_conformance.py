@@ -56,13 +56,21 @@ def cache_dir(d: Daemon) -> Path:
 
 
 def write_narinfo(
-    d: Daemon, item: str, *, url: str = "example.nar", nar_hash: str | None, nar_size: int = 1234
+    d: Daemon,
+    item: str,
+    *,
+    url: str = "example.nar",
+    nar_hash: str | None,
+    nar_size: int = 1234,
+    deriver: str | None = None,
 ) -> None:
     """A narinfo like upstream's `derivation-narinfo` (guix/tests.scm): NarSize 1234."""
     lines = [f"StorePath: {item}", f"URL: {url}", "Compression: none", f"NarSize: {nar_size}"]
     if nar_hash is not None:
         lines.append(f"NarHash: sha256:{nar_hash}")
     lines += ["References: ", "System: x86_64-linux"]
+    if deriver is not None:
+        lines.append(f"Deriver: {deriver}")
     name = os.path.basename(item)[:32] + ".narinfo"
     (cache_dir(d) / name).write_text("\n".join(lines) + "\n")
 
@@ -137,6 +145,23 @@ def test_has_substitutes_without_nar_hash(d: Daemon) -> None:
             c.ensure_path(item)
         assert not c.is_valid_path(item)
     assert not os.path.exists(item)
+
+
+@pytest.mark.parametrize("kind", ["full file name", "not a store item"])
+def test_an_odd_deriver_does_not_hide_the_substitute(d: Daemon, kind: str) -> None:
+    """tests/guix-daemon.sh (line 58) writes `Deriver: $drv`, a full file name; upstream still
+    substitutes (the deriver is information only).  A well-formed full name is kept."""
+    item = f"{d.store_dir}/{HASH}-odd-deriver"
+    drv = f"{d.store_dir}/{'1' * 32}-odd-deriver.drv"
+    (cache_dir(d) / "example.nar").write_bytes(NAR)
+    deriver = drv if kind == "full file name" else "../not/a/store item"
+    write_narinfo(d, item, nar_hash=nar_hash32(), deriver=deriver)
+    with client(d) as c:
+        assert c.has_substitutes(item)
+        c.ensure_path(item)
+        info = c.query_path_info(item)
+        assert info is not None
+        assert info.deriver == (drv if kind == "full file name" else None)
 
 
 def test_traces_of_a_hash_mismatch(d: Daemon) -> None:
