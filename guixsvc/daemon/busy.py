@@ -60,7 +60,7 @@ def _environ_files(proc: str, store_dir: str) -> list[str]:
     with open(f"{proc}/environ", "rb") as f:
         data = f.read()
     pattern = re.compile(re.escape(os.fsencode(store_dir)) + rb"/[0-9a-z]{32}-[a-zA-Z0-9._+-]+")
-    files = []
+    files: list[str] = []
     for entry in data.split(b"\0"):
         _, equal, value = entry.partition(b"=")
         if equal:

@@ -160,7 +160,7 @@ def delete_old_generations(
     profile: str,
     duration: int | None,
     *,
-    out: Callable[[str], None],
+    out: Callable[[str], object],
     now: float | None = None,
 ) -> list[int]:
     """Delete the generations of `profile` matching `duration` (all but the current one when

@@ -21,7 +21,12 @@ __all__ = ["FileRegion", "nar_parts", "send_file_region"]
 
 async def _writable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
     fut = loop.create_future()
-    loop.add_writer(fd, lambda: fut.done() or fut.set_result(None))
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    loop.add_writer(fd, ready)
     try:
         await fut
     finally:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -162,7 +162,9 @@ class FileRegion:
     offset: int = 0
 
 
-def nar_parts(path: str | os.PathLike[str] | bytes) -> Iterator[bytes | FileRegion]:
+def nar_parts(
+    path: str | os.PathLike[str] | bytes,
+) -> Generator[bytes | FileRegion, None, None]:
     """The NAR of `path` as framing bytes and, for regular files above 64 KiB, file regions.
 
     Put together (regions read in full) the parts are exactly `dump(path)`; `guix publish`
