@@ -36,9 +36,6 @@ KNOWN_EXCEPTIONS: dict[tuple[str, str], str] = {
     # The scheduler runs the build hook in-process (guixsvc.offload.hook), and offload/ uses the
     # daemon's settings and build modules: a daemon <-> offload cycle (issue 13).
     ("daemon", "offload"): "issue 13",
-    # The worker pool sets process titles with guixsvc.processes, the `guix processes` command's
-    # module; the title setting belongs in daemon/ (issue 13).
-    ("daemon", "processes"): "issue 13",
 }
 
 

@@ -24,8 +24,7 @@ import socket
 import struct
 import sys
 
-from guixsvc import processes
-from guixsvc.daemon import discover, listen
+from guixsvc.daemon import discover, listen, proctitle
 from guixsvc.daemon.localstore import initialise_store
 from guixsvc.daemon.session import Session
 from guixsvc.daemon.settings import Settings
@@ -75,7 +74,7 @@ def run_daemon(
     args = sys.argv[1:]
     if os.path.basename(sys.argv[0]) == "guixsvc" and args[:1] == ["daemon"]:
         args = args[1:]
-    processes.set_daemon_title(args)
+    proctitle.set_daemon_title(args)
     os.umask(0o022)
     config = StoreConfig.from_env()
     settings.validate()
@@ -328,11 +327,11 @@ class _PoolWorker:
         assert self.db is not None
         creds = peer_credentials(conn)
         if creds is not None and creds[0] > 0:  # `guix-daemon CLIENT-PID …` while serving
-            processes.set_session_title(creds[0])
+            proctitle.set_session_title(creds[0])
         try:
             Session(conn, self.config, self.settings.copy(), creds, remote=remote, db=self.db).run()
         finally:
             if creds is not None and creds[0] > 0:
-                processes.set_daemon_title()
+                proctitle.set_daemon_title()
         if os.sched_getaffinity(0) != affinity:
             os.sched_setaffinity(0, affinity)
