@@ -109,6 +109,17 @@ def can_build_locally(system: str, this_system: str) -> bool:
     )
 
 
+class Phase(enum.Enum):
+    """Where a goal is: what advancing it (`Worker._step`) does next."""
+
+    #: Outputs to be checked and substituted (upstream `haveDerivation`).
+    INIT = "init"
+    #: Waiting for the input derivations, then built (upstream `inputsRealised`).
+    INPUTS = "inputs"
+    #: Repair: waiting for the goals repairing the output closure (upstream `repairClosure`).
+    CLOSURE = "closure"
+
+
 @dataclass
 class Running:
     """A started builder."""
@@ -147,9 +158,7 @@ class Goal:
     chroot: str | None = None
     running: Running | None = None
     prev_infos: dict[str, ValidPathInfo] | None = None
-    #: "init" (outputs checked, substitutes tried), "inputs" (waiting for the input
-    #: derivations), "closure" (repair: waiting for the goals repairing the output closure).
-    phase: str = "init"
+    phase: Phase = Phase.INIT
     #: Repair without a chroot: valid outputs moved aside while they are rebuilt in place.
     moved_aside: dict[str, str] = field(default_factory=dict)
     #: Check mode without a chroot (builtins): where outputs are built instead of over the
@@ -236,7 +245,7 @@ class Worker:
             dep = self.goal(dep_path, set(names))
             g.deps.append(dep)
             dep.waiters.append(g)
-        g.phase = "inputs"
+        g.phase = Phase.INPUTS
 
     def run(self, items: list[str]) -> None:
         top: list[tuple[str, Goal | None]] = []
@@ -295,7 +304,7 @@ class Worker:
             if g.result is None
             and g.running is None
             and (
-                g.phase == "init"
+                g.phase == Phase.INIT
                 or all(d.result is not None for d in g.deps)
                 or (not keep_going and any(_failed(d) for d in g.deps))
             )
@@ -347,10 +356,10 @@ class Worker:
     def _step(self, g: Goal) -> None:
         """Advance a goal that is ready: check and substitute its outputs, or (inputs done)
         start its build, or (repair) conclude the repair of its output closure."""
-        if g.phase == "init":
+        if g.phase == Phase.INIT:
             self._init_goal(g)
             return
-        if g.phase == "closure":
+        if g.phase == Phase.CLOSURE:
             self._closure_repaired(g)
             return
         assert g.drv is not None
@@ -569,7 +578,7 @@ class Worker:
         if not g.deps:
             self._done(g, Result.ALREADY_VALID)
             return
-        g.phase = "closure"
+        g.phase = Phase.CLOSURE
 
     def _closure_repaired(self, g: Goal) -> None:
         if any(_failed(d) for d in g.deps):
