@@ -1,8 +1,8 @@
 """Garbage-collector benchmark: deleting 10,000 dead paths, and `--list-dead` on 100,000 paths.
 
 The stores are populated directly through `StoreDatabase` (plus real files), then collected the
-way the daemon does it: in process with the engine (`guixsvc.daemon.gc.Collector`), and through
-a running daemon with `guixsvc gc` (`--list-dead`, collection).  Usage:
+way the daemon does it: in process with the engine (`guixsvc.daemon.collector.Collector`), and
+through a running daemon with `guixsvc gc` (`--list-dead`, collection).  Usage:
 
     python bench/gc_bench.py [--dead 10000] [--store 100000] [--no-daemon]
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from guixsvc.daemon.gc import Collector  # noqa: E402
+from guixsvc.daemon.collector import Collector  # noqa: E402
 from guixsvc.protocol.ops import GCAction  # noqa: E402
 from guixsvc.store.db import StoreDatabase, ValidPathInfo  # noqa: E402
 from guixsvc.store.paths import StoreDir  # noqa: E402

@@ -880,8 +880,8 @@ class LocalStore:
         return {link: self._parse(path) for link, path in found.items()}
 
     def collect_garbage(self, request: GCRequest) -> GCResult:
-        # Owned by guixsvc.daemon.gc.
-        from guixsvc.daemon.gc import collect_garbage
+        # Owned by guixsvc.daemon.collector.
+        from guixsvc.daemon.collector import collect_garbage
 
         return collect_garbage(self, request)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from guixsvc.daemon.gc import Collector, GCOutcome
+from guixsvc.daemon.collector import Collector, GCOutcome
 from guixsvc.protocol.ops import GCAction
 from guixsvc.store.db import StoreDatabase, ValidPathInfo
 from guixsvc.store.paths import StoreDir

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from guixsvc.daemon.gc import Collector, delete_counting
+from guixsvc.daemon.collector import Collector, delete_counting
 from guixsvc.protocol.ops import GCAction
 from guixsvc.protocol.store_api import StoreError
 from guixsvc.store import roots
