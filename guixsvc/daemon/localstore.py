@@ -797,9 +797,9 @@ class LocalStore:
         missing = [i for i in items if not self._outputs_valid(i)]
         if mode == BuildMode.NORMAL and not missing:
             return
-        from guixsvc.daemon.build import scheduler  # loaded only when something is built
+        from guixsvc.daemon.build import worker  # loaded only when something is built
 
-        scheduler.build_paths(self, items, mode)
+        worker.build_paths(self, items, mode)
 
     def ensure_path(self, path: StorePath) -> None:
         if self.db.is_valid(self._path(path)):
@@ -910,10 +910,10 @@ class LocalStore:
 
     def _repair(self, path: str) -> bool:
         """Substitute or rebuild a damaged valid path (upstream `repairPath`)."""
-        from guixsvc.daemon.build import scheduler
+        from guixsvc.daemon.build import worker
 
         try:
-            scheduler.repair_path(self, path)
+            worker.repair_path(self, path)
         except StoreError as exc:
             self.message(LVL_ERROR, f"error: {exc}")
             return False

@@ -47,7 +47,8 @@ from guixsvc.store import nar
 from guixsvc.store.db import ValidPathInfo
 
 if TYPE_CHECKING:
-    from guixsvc.daemon.build.scheduler import Goal, Running, Worker
+    from guixsvc.daemon.build.goal import Goal, Running
+    from guixsvc.daemon.build.worker import Worker
     from guixsvc.daemon.settings import Settings
 
 EXIT_PERMANENT = 100
@@ -187,9 +188,9 @@ class Offloader:
         return "accept"
 
     def _start(self, g: Goal, active: _Active) -> None:
+        from guixsvc.daemon.build.goal import Running
         from guixsvc.daemon.build.logs import BuildLog
         from guixsvc.daemon.build.outputs import show_paths
-        from guixsvc.daemon.build.scheduler import Running
 
         w = self.worker
         assert g.drv is not None
@@ -254,7 +255,7 @@ class Offloader:
         timeout); True: the failure was handled here (permanent failure, or the goal is left
         to be tried again on another machine or locally)."""
         from guixsvc.daemon.build import sandbox
-        from guixsvc.daemon.build.scheduler import Result
+        from guixsvc.daemon.build.goal import Result
 
         active = self.active.pop(g.drv_path, None)
         if active is None:

@@ -185,9 +185,9 @@ def test_multiplexed_build_output(make_builds: Callable[..., Builds]) -> None:
 
 
 def test_repair_path_helper(make_builds: Callable[..., Builds], build_users: str) -> None:
-    """`scheduler.repair_path`, what `verify --repair` needs (upstream `repairPath`): no
+    """`worker.repair_path`, what `verify --repair` needs (upstream `repairPath`): no
     substitute, so the item's deriver is rebuilt in repair mode; no deriver, an error."""
-    from guixsvc.daemon.build import scheduler
+    from guixsvc.daemon.build import worker
     from guixsvc.daemon.localstore import LocalStore
     from guixsvc.daemon.settings import Settings
     from guixsvc.protocol.store_api import StoreError
@@ -212,9 +212,9 @@ def test_repair_path_helper(make_builds: Callable[..., Builds], build_users: str
         remote=False,
     )
     try:
-        scheduler.repair_path(store, out)
+        worker.repair_path(store, out)
         with pytest.raises(StoreError, match=f"cannot repair path `{text}'"):
-            scheduler.repair_path(store, text)
+            worker.repair_path(store, text)
     finally:
         store.close()
     assert Path(out, "f").read_text() == "v\n"
