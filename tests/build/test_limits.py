@@ -11,7 +11,7 @@ import pytest
 
 from guixsvc.daemon.build.logs import log_file_name, read_log
 from guixsvc.protocol.client import DaemonError
-from guixsvc.protocol.ops import BuildMode
+from guixsvc.protocol.ops import BuildMode, GCAction
 from tests.build.conftest import Builds, requires_root
 
 pytestmark = requires_root
@@ -88,6 +88,28 @@ def test_check_mode(make_builds: Callable[..., Builds]) -> None:
         f"derivation `{drv}' may not be deterministic: output `{outs['out']}' differs"
     )
     assert b.client.is_valid_path(outs["out"])
+
+
+def test_check_mode_builds_inputs_normally(make_builds: Callable[..., Builds]) -> None:
+    """Only the derivations the client names are checked; their inputs are built in normal
+    mode (upstream tests/store.scm "build-things, check mode"), so an input whose own inputs
+    are gone (as after substituting it) does not stop the check."""
+    b = make_builds()
+    c_drv, c_outs = b.derivation("c-src", "mkdir $out; echo c > $out/c")
+    b_drv, b_outs = b.derivation(
+        "b-mid", "mkdir $out; echo b > $out/b", inputs={c_drv: ("out",)}
+    )  # B's output does not refer to C's
+    a_drv, a_outs = b.derivation(
+        "a-top", f"mkdir $out; cat {b_outs['out']}/b > $out/a", inputs={b_drv: ("out",)}
+    )
+    b.client.build_paths([a_drv])
+    b.client.collect_garbage(GCAction.DELETE_SPECIFIC, [c_outs["out"]])
+    assert not b.client.is_valid_path(c_outs["out"])
+    b.logs.clear()
+    b.client.build_paths([a_drv], BuildMode.CHECK)
+    assert b.client.is_valid_path(a_outs["out"])
+    # The input was not rebuilt, let alone checked: C stays gone.
+    assert not b.client.is_valid_path(c_outs["out"])
 
 
 def test_keep_failed(make_builds: Callable[..., Builds]) -> None:

@@ -106,9 +106,9 @@ class DerivationGoal:
         if self.stop:
             self._done(g, Result.CANCELLED)
             return
-        repair = self.mode == BuildMode.REPAIR
+        repair = g.mode == BuildMode.REPAIR
         invalid = self._invalid_outputs(g, check_hash=repair)
-        if not invalid and self.mode == BuildMode.NORMAL:
+        if not invalid and g.mode == BuildMode.NORMAL:
             self._done(g, Result.ALREADY_VALID)
             return
         if self.settings.get_bool("build-cache-failure"):
@@ -130,13 +130,13 @@ class DerivationGoal:
                     "derivation from source "
                 )
             invalid = self._invalid_outputs(g, check_hash=repair)
-        if not invalid and self.mode == BuildMode.NORMAL:
+        if not invalid and g.mode == BuildMode.NORMAL:
             self._done(g, Result.ALREADY_VALID)
             return
         if not invalid and repair:
             self._repair_closure(g)
             return
-        if invalid and self.mode == BuildMode.CHECK:
+        if invalid and g.mode == BuildMode.CHECK:
             raise StoreError(
                 f"some outputs of `{g.drv_path}' are not valid, so checking is not possible"
             )
@@ -186,18 +186,18 @@ class DerivationGoal:
                 g.waiting_since = time.monotonic()
                 return False
             g.locks = locks
-        repair = self.mode == BuildMode.REPAIR
+        repair = g.mode == BuildMode.REPAIR
         valid = [
             p for p in out_paths if self.db.is_valid(p) and (not repair or self.contents_good(p))
         ]
-        if self.mode != BuildMode.CHECK and len(valid) == len(out_paths):
+        if g.mode != BuildMode.CHECK and len(valid) == len(out_paths):
             self.msg(
                 LVL_DEBUG, f"skipping build of derivation `{g.drv_path}', someone beat us to it"
             )
             self._release_locks(g, delete=True)
             self._done(g, Result.ALREADY_VALID)
             return False
-        if self.mode == BuildMode.CHECK:
+        if g.mode == BuildMode.CHECK:
             g.missing = out_paths
         else:
             g.missing = [p for p in out_paths if p not in valid]
@@ -340,7 +340,7 @@ class DerivationGoal:
         if self.settings.get_bool("build-cache-failure"):
             for out in g.drv.outputs.values():
                 self.db.add_failed_path(out.path)
-        if self.mode != BuildMode.CHECK:
+        if g.mode != BuildMode.CHECK:
             for p in g.missing:
                 if not self.db.is_valid(p):
                     sandbox.remove_tree(p)
@@ -365,10 +365,10 @@ class DerivationGoal:
             if fixed:
                 # CVE-2024-27297: a fresh copy no builder descriptor can reach.
                 actual = self._fresh_copy(g, p, actual)
-            if g.chroot and self.mode == BuildMode.REPAIR:
+            if g.chroot and g.mode == BuildMode.REPAIR:
                 replace_valid_path(p, actual)
                 actual = p
-            elif g.chroot and self.mode != BuildMode.CHECK:
+            elif g.chroot and g.mode != BuildMode.CHECK:
                 os.rename(actual, p)
                 actual = p
             name = next(n for n, o in drv.outputs.items() if o.path == p)
@@ -383,7 +383,7 @@ class DerivationGoal:
                 candidates=all_paths,
                 drv_path=g.drv_path,
             )
-            if self.mode == BuildMode.CHECK:
+            if g.mode == BuildMode.CHECK:
                 old = self.db.path_info(p)
                 if old is not None and old.nar_hash != info.nar_hash:
                     if self.settings.keep_failed:
@@ -401,7 +401,7 @@ class DerivationGoal:
                 check_locations[p] = actual
                 continue
             infos[p] = info
-        if self.mode == BuildMode.CHECK:
+        if g.mode == BuildMode.CHECK:
             return True
         outputs.check_reference_constraints(drv, infos, self.closure_with(infos))
         if g.prev_infos is not None:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from guixsvc.daemon.build import sandbox
 from guixsvc.daemon.build.logs import BuildLog
+from guixsvc.protocol.ops import BuildMode
 from guixsvc.store.db import ValidPathInfo
 from guixsvc.store.derivation import Derivation
 from guixsvc.store.locks import PathLocks
@@ -82,6 +83,9 @@ class Goal:
     waiters: list[Goal] = field(default_factory=list)
     result: Result | None = None
     top_level: bool = False
+    #: The requested mode for the goals the client named; their inputs are built in normal mode
+    #: (repair stays repair), as upstream's `DerivationGoal::haveDerivation` asks for them.
+    mode: BuildMode = BuildMode.NORMAL
     # Build state.
     nr_rounds: int = 1
     cur_round: int = 1

@@ -76,9 +76,9 @@ class LocalBuild:
         drv = g.drv
         settings = self.settings
         paths = show_paths(g.missing)
-        if self.mode == BuildMode.REPAIR:
+        if g.mode == BuildMode.REPAIR:
             text = f"repairing path(s) {paths}"
-        elif self.mode == BuildMode.CHECK:
+        elif g.mode == BuildMode.CHECK:
             text = f"checking path(s) {paths}"
         elif g.nr_rounds > 1:
             text = f"building path(s) {paths} (round {g.cur_round}/{g.nr_rounds})"
@@ -205,12 +205,12 @@ class LocalBuild:
             spec.chroot = g.chroot
         if builtin_name is not None:
             out = drv.outputs["out"].path if "out" in drv.outputs else ""
-            if out and self.mode == BuildMode.CHECK and g.chroot is None:
+            if out and g.mode == BuildMode.CHECK and g.chroot is None:
                 out = self._redirect(g, out)  # the valid output stays as it is
             drv_path = g.drv_path
             spec.builtin = lambda: builtins.run_builtin(builtin_name, drv, out, drv_path)
 
-        if self.mode == BuildMode.REPAIR and spec.chroot is None:
+        if g.mode == BuildMode.REPAIR and spec.chroot is None:
             # No hash rewriting here: the corrupt valid outputs are moved aside while the
             # builder recreates them in place, and put back if the build fails.
             for p in g.missing:
@@ -371,7 +371,7 @@ class LocalBuild:
         """Upstream keeps a failed build's outputs in the store for debugging; they are made
         safe first (CVE-2024-52867): no setuid/setgid bit, no group/world write permission,
         owned by the daemon, never by the build user that the next builds run as."""
-        if self.mode != BuildMode.NORMAL:
+        if g.mode != BuildMode.NORMAL:
             return
         owner = (os.geteuid(), os.getegid()) if os.geteuid() == 0 else None
         for p in g.missing:

@@ -86,6 +86,7 @@ class Worker(DerivationGoal, LocalBuild, SubstitutionGoal, Repair):
                 g.wanted = None if wanted is None else g.wanted | wanted
             return g
         g = Goal(drv_path, wanted)
+        g.mode = BuildMode.REPAIR if self.mode == BuildMode.REPAIR else BuildMode.NORMAL
         self.goals[drv_path] = g
         if not self.db.is_valid(drv_path):
             g.result = Result.PERMANENT_FAILURE
@@ -106,6 +107,7 @@ class Worker(DerivationGoal, LocalBuild, SubstitutionGoal, Repair):
             if derived.is_derivation:
                 g = self.goal(path, set(derived.outputs) if derived.outputs else None)
                 g.top_level = True
+                g.mode = self.mode
                 top.append((path, g))
             elif self.mode != BuildMode.NORMAL:
                 # Upstream passes the build mode as the repair flag (so check mode repairs
