@@ -324,8 +324,12 @@ class LocalStore:
         build_output: Callable[[bytes], None] | None = None,
         client_uid: int | None = None,
         db: StoreDatabase | None = None,
+        client_fd: int | None = None,
     ) -> None:
         self.config = config
+        #: The client's connection, watched while building: a client that hangs up interrupts
+        #: its builds (upstream's SIGPOLL handler in nix-daemon.cc).
+        self.client_fd = client_fd
         #: Sends builder output to the client verbatim (chunks, not lines).
         self.build_output = build_output or (lambda chunk: None)
         #: The connecting user's uid, None for TCP clients.

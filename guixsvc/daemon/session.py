@@ -212,6 +212,7 @@ class Session(SessionIO):
                 build_output=self.log_build_output,
                 client_uid=self.peer_uid if self.peer_uid >= 0 else None,
                 db=self.db,
+                client_fd=self.sock.fileno(),
             )
             self.store.reserve_space(handshake.reserve_space)
             if self.peer_uid >= 0:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -161,3 +166,51 @@ def test_cores_exported(make_builds: Callable[..., Builds]) -> None:
     b.client.build_paths([drv])
     with open(outs["out"]) as f:
         assert f.read() == "3\n"
+
+
+def test_client_hanging_up_interrupts_its_build(make_builds: Callable[..., Builds]) -> None:
+    """A client that goes away mid-build takes its builds with it (upstream's SIGPOLL
+    handling): the builder is killed, nothing is registered, the locks are free again."""
+    b = make_builds()
+    marker = f"guixsvc-hangup-{os.getpid()}"
+    drv, outs = b.derivation("hangup", f"echo {marker}; exec $busybox/bin/busybox sleep 300",
+                             env={"busybox": b.busybox})  # fmt: skip
+    thread = threading.Thread(target=_build_quietly, args=(b, drv))
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not _sleepers(b.busybox) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _sleepers(b.busybox), "the builder never started"
+    b.client.sock.shutdown(socket.SHUT_RDWR)
+    thread.join(30)
+    deadline = time.monotonic() + 30
+    while _sleepers(b.busybox) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _sleepers(b.busybox), "the builder outlived its client"
+    assert not os.path.exists(outs["out"])
+    with b.daemon.client() as c:
+        assert not c.is_valid_path(outs["out"])
+        # The daemon goes on building for others.
+        c.set_options(use_substitutes=False)
+        quick, quick_outs = dataclasses.replace(b, client=c).derivation(
+            "after-hangup", "echo done > $out"
+        )
+        c.build_paths([quick])
+        assert c.is_valid_path(quick_outs["out"])
+
+
+def _build_quietly(b: Builds, drv: str) -> None:
+    with contextlib.suppress(Exception):
+        b.client.build_paths([drv])
+
+
+def _sleepers(busybox: str) -> list[int]:
+    """Pids of running `busybox sleep 300` processes of this busybox."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            with contextlib.suppress(OSError):
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                if argv[:3] == [f"{busybox}/bin/busybox".encode(), b"sleep", b"300"]:
+                    found.append(int(pid))
+    return found

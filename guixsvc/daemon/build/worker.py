@@ -15,6 +15,7 @@ import contextlib
 import os
 import select
 import signal
+import socket
 import time
 from typing import TYPE_CHECKING
 
@@ -32,6 +33,10 @@ from guixsvc.store.derived_path import DerivedPath
 
 if TYPE_CHECKING:
     from guixsvc.daemon.localstore import LocalStore
+
+
+class Interrupted(StoreError):
+    """The client hung up during the request (upstream's `Interrupted`)."""
 
 
 class Worker(DerivationGoal, LocalBuild, SubstitutionGoal, Repair):
@@ -52,6 +57,8 @@ class Worker(DerivationGoal, LocalBuild, SubstitutionGoal, Repair):
         self.max_jobs = self.settings.get_int("build-max-jobs", 1)
         self.poll_interval = max(self.settings.get_int("build-poll-interval", 5), 1)
         self.waiting_message_shown = False
+        #: Watched while builders run (None: no client to watch, or it is not quiet).
+        self.client_fd = store.client_fd
         self._good_cache: dict[str, bool] = {}
         from guixsvc.offload.hook import Offloader
 
@@ -211,7 +218,14 @@ class Worker(DerivationGoal, LocalBuild, SubstitutionGoal, Repair):
             if total:
                 deadline = min(deadline, r.started + total)
         timeout = max(deadline - now, 0)
-        readable, _, _ = select.select(list(self.running), [], [], timeout)
+        watched = list(self.running)
+        client = self.client_fd
+        if client is not None:
+            watched.append(client)
+        readable, _, _ = select.select(watched, [], [], timeout)
+        if client is not None and client in readable:
+            readable.remove(client)
+            self._check_client(client)
         for fd in readable:
             g = self.running[fd]
             r = g.running
@@ -235,6 +249,21 @@ class Worker(DerivationGoal, LocalBuild, SubstitutionGoal, Repair):
                 r.timed_out = f"{g.name} timed out after {total} seconds"
             if r.timed_out:
                 self._builder_done(g)
+
+    def _check_client(self, fd: int) -> None:
+        """The client's connection is readable while it should be quiet: if it hung up,
+        interrupt the request (its builds are killed and cleaned up by `run`), as upstream's
+        daemon does on SIGPOLL; if it merely sent something, stop watching it."""
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            try:
+                closed = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            except BlockingIOError:
+                return
+            except OSError:
+                closed = True
+        if closed:
+            raise Interrupted("interrupted by the user")
+        self.client_fd = None
 
     def _handle_output(self, g: Goal, chunk: bytes) -> None:
         r = g.running
