@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from guixsvc.cliargs import (
@@ -225,20 +225,11 @@ Render the systemd units of guix-daemon, guix publish and guix gc.
 
 @dataclass
 class _Options:
-    store_dir: str = DEFAULT_STORE_DIR
-    state_dir: str = DEFAULT_STATE_DIR
-    conf_dir: str = DEFAULT_CONF_DIR
-    prefix: str = DEFAULT_PREFIX
-    publish_port: int = DEFAULT_PUBLISH_PORT
-    build_group: str = DEFAULT_BUILD_GROUP
-    build_users: int = DEFAULT_BUILD_USERS
-    gc_arguments: str = DEFAULT_GC_ARGUMENTS
-    gc_calendar: str = DEFAULT_GC_CALENDAR
+    #: The UnitSettings fields given on the command line (the rest keep their defaults).
+    units: dict[str, object] = field(default_factory=dict)
     output: str | None = None
     sysusers: str | None = None
     generate_key: bool = False
-    rootless: bool = False
-    daemon_user: str = DEFAULT_DAEMON_USER
 
 
 def _number(text: str) -> int:
@@ -251,9 +242,15 @@ def _number(text: str) -> int:
 def _set(
     name: str, convert: Callable[[str], object] = str
 ) -> Callable[[_Options, str | None], None]:
+    """An option that sets the UnitSettings field `name` (or, for `output`/`sysusers`, the
+    command's own)."""
+
     def handle(opts: _Options, arg: str | None) -> None:
         assert arg is not None
-        setattr(opts, name, convert(arg))
+        if hasattr(opts, name):
+            setattr(opts, name, convert(arg))
+        else:
+            opts.units[name] = convert(arg)
 
     return handle
 
@@ -277,7 +274,7 @@ OPTIONS: tuple[Option[_Options], ...] = (
     Option(("output",), _set("output"), required=True),
     Option(("sysusers",), _set("sysusers"), required=True),
     Option(("generate-key",), lambda o, _: setattr(o, "generate_key", True)),
-    Option(("rootless",), lambda o, _: setattr(o, "rootless", True)),
+    Option(("rootless",), lambda o, _: o.units.__setitem__("rootless", True)),
     Option(("daemon-user",), _set("daemon_user"), required=True),
 )  # type: ignore[assignment]
 
@@ -290,21 +287,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: _Options) -> int:
+    settings = UnitSettings(**args.units)  # type: ignore[arg-type]
     if args.generate_key:
-        return generate_key(args.conf_dir)
-    settings = UnitSettings(
-        store_dir=args.store_dir,
-        state_dir=args.state_dir,
-        conf_dir=args.conf_dir,
-        prefix=args.prefix,
-        publish_port=args.publish_port,
-        build_group=args.build_group,
-        build_users=args.build_users,
-        gc_arguments=args.gc_arguments,
-        gc_calendar=args.gc_calendar,
-        rootless=args.rootless,
-        daemon_user=args.daemon_user,
-    )
+        return generate_key(settings.conf_dir)
     try:
         rendered = render(settings)
     except UnitsError as exc:
