@@ -130,9 +130,14 @@ class NarStreaming(PublishBase):
         response = web.StreamResponse(status=status, headers=headers)
         if length is not None:
             response.content_length = length
-        await response.prepare(request)
+        else:
+            # Chunked, then closed: upstream's `guix substitute` leaves the final CRLF of a
+            # chunked body unread, so a request it sent next on this connection would fail
+            # on its side and be sent again on a fresh one (wasted, and a traceback here).
+            response.force_close()
         sent = 0
         try:
+            await response.prepare(request)
             while length is None or sent < length:
                 chunk = await loop.run_in_executor(self.io, producer.next_chunk)
                 if chunk is None:
@@ -165,10 +170,10 @@ class NarStreaming(PublishBase):
             return self.not_found(request)
         response = web.StreamResponse(status=200, headers=headers)
         response.content_length = info.nar_size
-        await response.prepare(request)
         sent = 0
         part = first
         try:
+            await response.prepare(request)
             while part is not None:
                 if isinstance(part, FileRegion):
                     transport = request.transport
