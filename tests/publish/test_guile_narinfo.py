@@ -15,7 +15,7 @@ import pytest
 from guixsvc.pki import keys
 from guixsvc.store import base32
 from tests.publish.test_publish import node  # noqa: F401 - the fixture
-from tests.substitutes.helpers import Node
+from tests.substitutes.helpers import Node, start_publish, stop_proc
 
 SCRIPT = Path(__file__).resolve().parents[1] / "guile" / "narinfo-check.scm"
 
@@ -102,3 +102,50 @@ def test_upstream_guix_substitute_downloads_from_us(
     keys.Acl().save(str(conf / "acl"))
     env["XDG_CACHE_HOME"] = str(tmp_path / "cache2")
     assert _substitute(guix, "--query", f"have {dep}\n", env, tmp_path / "r4").split() == []
+
+
+@pytest.mark.parametrize("comp", ["none", "gzip", "lzip", "zstd"])
+def test_upstream_guix_substitute_every_compression(
+    node: dict[str, object],  # noqa: F811
+    tmp_path: Path,
+    comp: str,
+) -> None:
+    """Upstream `guix substitute` fetches two NARs in one run (its cached connection) from our
+    publish with each compression: right bytes, no traceback in our log, one request per NAR
+    (its chunked-input port leaves the final CRLF unread: a request sent next on the same
+    connection would fail on its side and be sent again)."""
+    guix = os.environ.get("GUIX_UPSTREAM_GUIX")
+    if not guix:
+        pytest.skip("set GUIX_UPSTREAM_GUIX to an upstream `guix` command (uninstalled is fine)")
+    n = node["n"]
+    assert isinstance(n, Node)
+    name = f"publish-sub-{comp}"
+    flag = "0" if comp == "none" else f"{comp}:3"
+    proc, url = start_publish(n, None, "-C", flag, name=name)
+    try:
+        dep, top = str(node["dep"]), str(node["top"])
+        conf = tmp_path / "etc"
+        conf.mkdir()
+        keys.Acl([keys.load_key(n.conf / "signing-key.pub")]).save(str(conf / "acl"))
+        (tmp_path / "state").mkdir()
+        env = dict(
+            os.environ,
+            NIX_STORE_DIR=os.path.dirname(dep),
+            GUIX_STATE_DIRECTORY=str(tmp_path / "state"),
+            GUIX_CONFIGURATION_DIRECTORY=str(conf),
+            XDG_CACHE_HOME=str(tmp_path / "cache"),
+            _NIX_OPTIONS=f"substitute-urls={url}\n",
+        )
+        _substitute(guix, "--query", f"info {dep} {top}\n", env, tmp_path / "q")  # as the daemon
+        commands = f"substitute {dep} {tmp_path / 'dep'}\nsubstitute {top} {tmp_path / 'top'}\n"
+        result = _substitute(guix, "--substitute", commands, env, tmp_path / "r")
+        assert [ln.split()[0] for ln in result.splitlines()] == ["success", "success"], result
+        assert subprocess.run(["diff", "-r", dep, str(tmp_path / "dep")]).returncode == 0
+        assert (tmp_path / "top").read_text() == "uses " + dep
+    finally:
+        stop_proc(proc)
+    log = n.log(name)
+    assert "Traceback" not in log, log
+    prefix = "GET /nar/" if comp == "none" else f"GET /nar/{comp}/"
+    for item in (dep, top):
+        assert log.splitlines().count(prefix + os.path.basename(item)) == 1, log
