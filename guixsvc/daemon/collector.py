@@ -371,7 +371,8 @@ class Collector:
             percentage = int(min(1.0, freed / self.max_freed) * 100.0)
             self._msg(LVL_INFO, f"[{percentage}%] deleting '{path}'")
         else:
-            self._msg(LVL_INFO, f"[{_show_bytes(freed)}] deleting '{path}'")
+            # Whole MiB, as upstream (integer division): "[0 MiB] deleting '...'".
+            self._msg(LVL_INFO, f"[{freed // _MIB} MiB] deleting '{path}'")
         self.deleted.append(path)
         if self.move_to_trash and stat.S_ISDIR(st.st_mode):
             self._move_to_trash(path, st, size)

@@ -928,6 +928,7 @@ class LocalStore:
             raise StoreError("you are not privileged to repair paths")
         errors = False
         self.message(LVL_ERROR, "reading the store...")
+        self.message(LVL_INFO, "checking path existence...")  # as upstream's verifyStore
         # Repairing builds or substitutes, which takes temp roots (and so the GC lock): it is
         # done after the existence check has released the lock.
         to_repair: list[str] = []
@@ -945,7 +946,7 @@ class LocalStore:
                     if not self._forget_vanished(path):
                         errors = True
         if check_contents:
-            self.message(LVL_ERROR, "checking hashes...")
+            self.message(LVL_INFO, "checking hashes...")
             for path in self.db.all_valid_paths():
                 info = self.db.path_info(path)
                 assert info is not None
