@@ -54,10 +54,12 @@ run: $(RUN_STAMP)
 lint: setup
 	$(VENV)/bin/ruff check guixsvc tests bench
 	$(VENV)/bin/ruff format --check guixsvc tests bench
+	$(VENV)/bin/mypy guixsvc
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_layers.py
 
 test: setup
 	$(VENV)/bin/ruff check guixsvc tests bench
+	$(VENV)/bin/mypy guixsvc
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
 
 # Only the end-to-end tests on a booted systemd (root; the first run debootstraps ~90 s).

@@ -319,7 +319,8 @@ class Advertiser:
         """Register under `name`; return when the registration is lost (the name to retry)."""
         path = str((await conn.call("EntryGroupNew"))[0])
         self._group = path
-        self._group_state = queue = asyncio.Queue()
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        self._group_state = queue
         conn.on_signal(path, _ENTRY_GROUP, lambda msg: queue.put_nowait(int(msg.body[0])))
         try:
             try:
@@ -409,7 +410,12 @@ class Browser:
             await conn.server_state()
             conn.capture(_SERVICE_BROWSER)
             conn.on_signal("/", _SERVER, lambda msg: self._wake.set())
-            conn.owner_changed.append(lambda present: (self._lost.set(), self._wake.set()))
+
+            def owner_changed(present: bool) -> None:
+                self._lost.set()
+                self._wake.set()
+
+            conn.owner_changed.append(owner_changed)
             runner = asyncio.create_task(self._browse_forever(conn))
             stopper = asyncio.create_task((stop or asyncio.Event()).wait())
             try:

@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TextIO
 
 from guixsvc import cliargs
 from guixsvc.cliargs import (
@@ -256,15 +257,15 @@ class StatusDisplay:
     """Renders the daemon's STDERR_NEXT stream: `@ …` build traces become upstream's status
     lines, other text (build logs, daemon messages) is shown from verbosity 3 on."""
 
-    def __init__(self, verbosity: int, log_dir: str, out: object = None) -> None:
+    def __init__(self, verbosity: int, log_dir: str, out: TextIO | None = None) -> None:
         self.verbosity = verbosity
         self.log_dir = log_dir
-        self.out = out if out is not None else sys.stderr
+        self.out: TextIO = out if out is not None else sys.stderr
         self.pending = ""
 
     def _write(self, text: str) -> None:
-        self.out.write(text)  # type: ignore[attr-defined]
-        self.out.flush()  # type: ignore[attr-defined]
+        self.out.write(text)
+        self.out.flush()
 
     def __call__(self, text: str) -> None:
         if self.verbosity <= 0:

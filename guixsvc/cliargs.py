@@ -103,10 +103,10 @@ def version_text(command: str, package: str = "GNU Guix") -> str:
     )
 
 
-def help_option(text: str | Callable[[], str]) -> Option[object]:
+def help_option(text: str | Callable[[], str]) -> Option[T]:
     """`-h`, `--help`: print TEXT on stdout and exit 0."""
 
-    def show(_: object, __: str | None) -> NoReturn:
+    def show(_: T, __: str | None) -> NoReturn:
         sys.stdout.write(text() if callable(text) else text)
         sys.stdout.flush()
         raise Exit(0)
@@ -114,10 +114,10 @@ def help_option(text: str | Callable[[], str]) -> Option[object]:
     return Option(("h", "help"), show)
 
 
-def version_option(command: str, package: str = "GNU Guix") -> Option[object]:
+def version_option(command: str, package: str = "GNU Guix") -> Option[T]:
     """`-V`, `--version`: `show-version-and-exit`."""
 
-    def show(_: object, __: str | None) -> NoReturn:
+    def show(_: T, __: str | None) -> NoReturn:
         sys.stdout.write(version_text(command, package))
         sys.stdout.flush()
         raise Exit(0)
@@ -233,7 +233,7 @@ def option_hint(name: str, long_names: Iterable[str]) -> str | None:
 # --- the daemon ---------------------------------------------------------------------------------
 
 
-def connect_daemon(log: Callable[[str], None] | None = None) -> DaemonClient:
+def connect_daemon(log: Callable[[str], object] | None = None) -> DaemonClient:
     """`open-connection` as the commands see it: `GUIX_DAEMON_SOCKET` or the default socket;
     failing to connect is upstream's ``failed to connect to `URI': STRERROR`` (exit 1)."""
     from guixsvc.protocol.client import DaemonClient, default_socket

@@ -19,7 +19,7 @@ import re
 import stat
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from guixsvc.daemon.settings import Settings, SettingsError
 from guixsvc.protocol.ops import (
@@ -35,6 +35,7 @@ from guixsvc.protocol.store_api import (
     NarFeeder,
     PathInfo,
     ReadSource,
+    Store,
     StoreError,
     SubstitutablePathInfo,
     WriteSink,
@@ -963,3 +964,10 @@ class LocalStore:
                     if not repair or not self._repair(path):
                         errors = True
         return errors
+
+
+if TYPE_CHECKING:
+    # The type checker (`make lint`) proves that LocalStore implements the protocol's store
+    # interface: a missing method or a different signature fails here.
+    def _implements_store_api(store: LocalStore) -> Store:
+        return store

@@ -380,7 +380,7 @@ class Substituter:
             return None
         return _Hit(info, refs, self._deriver(info.deriver))
 
-    def _deriver(self, deriver: str) -> StorePath | None:
+    def _deriver(self, deriver: str | None) -> StorePath | None:
         """The narinfo's deriver, or None when it names no store item: the deriver is only
         information, and upstream substitutes an item whose narinfo has an odd one (a full file
         name, as tests/guix-daemon.sh writes) rather than dropping it."""

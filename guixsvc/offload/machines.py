@@ -253,7 +253,12 @@ class _Interpreter:
 
     def machines(self, d: Datum) -> list[BuildMachine]:
         head = _head(d)
-        if head == "quote" and d.value == [d.value[0], d.value[1]] and d.value[1].value == []:
+        if (
+            head == "quote"
+            and isinstance(d.value, list)
+            and d.value == [d.value[0], d.value[1]]
+            and d.value[1].value == []
+        ):
             return []
         if head != "list":
             raise self.refuse(d, self._not_data(d, "expected `(list (build-machine ...) ...)'"))

@@ -28,6 +28,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import BinaryIO, cast
 
 from guixsvc.offload.machines import BuildMachine
 from guixsvc.protocol.client import CLIENT_VERSION, DaemonClient
@@ -56,7 +57,7 @@ class _SocketClient(DaemonClient):
 
     def __init__(self, sock: socket.socket, log: Callable[[str], None] | None = None) -> None:
         self.sock = sock
-        self.rfile = sock.makefile("rb", buffering=65536)
+        self.rfile = cast(BinaryIO, sock.makefile("rb", buffering=65536))
         self.version = CLIENT_VERSION
         self.log = log
         self._handshake(True)

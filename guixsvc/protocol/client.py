@@ -12,7 +12,7 @@ import os
 import socket
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, cast
 from urllib.parse import urlsplit
 
 from guixsvc.protocol.ops import (
@@ -90,10 +90,10 @@ class DaemonClient:
         *,
         version: int = CLIENT_VERSION,
         reserve_space: bool = True,
-        log: Callable[[str], None] | None = None,
+        log: Callable[[str], object] | None = None,
     ) -> None:
         self.sock = connect(uri or default_socket())
-        self.rfile: BinaryIO = self.sock.makefile("rb", buffering=65536)
+        self.rfile = cast(BinaryIO, self.sock.makefile("rb", buffering=65536))
         self.version = version
         self.log = log
         self._handshake(reserve_space)

@@ -93,7 +93,7 @@ class ServerConnection:
 
     # -- input -------------------------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | memoryview) -> None:
         if data:
             self.reader.feed(data)
         else:

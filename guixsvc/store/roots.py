@@ -29,6 +29,7 @@ from guixsvc.store.locks import (
     LVL_DEBUG,
     LVL_ERROR,
     LVL_INFO,
+    LockKind,
     MessageLog,
     SysError,
     debug_wanted,
@@ -153,7 +154,7 @@ class GCLock:
         """Take the lock (shared or exclusive); re-locking an open lock converts its mode."""
         if exclusive is not None:
             self.exclusive = exclusive
-        kind = "w" if self.exclusive else "r"
+        kind: LockKind = "w" if self.exclusive else "r"
         if self._fd is not None and self._pid != os.getpid():
             self._drop_inherited()
         emit(self._log, LVL_DEBUG, f"acquiring global GC lock `{self.path}'")

@@ -25,8 +25,12 @@ import shutil
 import ssl
 import urllib.error
 import urllib.request
+from typing import TYPE_CHECKING, cast
 
 from guixsvc.store.derivation import Derivation
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 BUILTIN_NAMES = ("download",)
 #: The URL schemes `url-fetch` (guix/build/download.scm) downloads from.
@@ -85,7 +89,9 @@ def _mirror_table(file_name: str | None) -> dict[str, list[str]]:
 def candidate_urls(drv: Derivation) -> list[str]:
     """Every URL to try, in order, with `mirror://NAME/...` expanded."""
     datum = read_sexp(drv.env.get("url", ""))
-    urls = [datum] if isinstance(datum, str) else [u for u in datum if isinstance(u, str)]  # type: ignore[union-attr]
+    # read_sexp gives a str, a list or a ("symbol", NAME) tuple: anything but a str iterates.
+    items = cast("Iterable[object]", datum)
+    urls = [datum] if isinstance(datum, str) else [u for u in items if isinstance(u, str)]
     mirrors = _mirror_table(drv.env.get("mirrors"))
     result: list[str] = []
     for url in urls:

@@ -21,6 +21,7 @@ from guixsvc.daemon.build.goal import LVL_DEBUG, LVL_ERROR, Goal, Phase, Result,
 from guixsvc.daemon.build.outputs import BuildError, NotDeterministic
 from guixsvc.daemon.build.personality import can_build_locally
 from guixsvc.daemon.build.repair import replace_valid_path
+from guixsvc.daemon.build.state import WorkerState
 from guixsvc.daemon.build.substitution_goal import substitutes_allowed
 from guixsvc.protocol.ops import BuildMode
 from guixsvc.protocol.store_api import StoreError
@@ -43,7 +44,7 @@ def status_to_string(status: int) -> str:
     return "died abnormally"
 
 
-class DerivationGoal:
+class DerivationGoal(WorkerState):
     """The steps of a derivation goal, mixed into `Worker` (worker.py), whose state they use."""
 
     def _wanted_outputs(self, g: Goal) -> dict[str, str]:

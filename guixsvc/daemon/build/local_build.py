@@ -26,6 +26,7 @@ from guixsvc.daemon.build.logs import BuildLog
 from guixsvc.daemon.build.outputs import BuildError, show_paths
 from guixsvc.daemon.build.personality import can_build_locally, personality
 from guixsvc.daemon.build.slirp import Slirp
+from guixsvc.daemon.build.state import WorkerState
 from guixsvc.protocol.ops import BuildMode
 from guixsvc.protocol.store_api import StoreError
 from guixsvc.store import base32
@@ -58,7 +59,7 @@ class BuildPlan:
     root: bool  # the daemon runs as root (build users possible)
 
 
-class LocalBuild:
+class LocalBuild(WorkerState):
     """Starting and cleaning up a builder on this machine, mixed into `Worker` (worker.py),
     whose state it uses."""
 
@@ -401,7 +402,11 @@ class LocalBuild:
         if g.slirp is not None:
             step("stopping the network helper", lambda: _stop_slirp(g))
         for redirected in list(g.redirected.values()):
-            step("removing a redirected output", lambda r=redirected: sandbox.remove_tree(r))
+
+            def remove(r: str = redirected) -> None:
+                sandbox.remove_tree(r)
+
+            step("removing a redirected output", remove)
         g.redirected.clear()
         if not keep_locks:
             for p, aside in list(g.moved_aside.items()):

@@ -22,6 +22,7 @@ from guixsvc.daemon.build.goal import (
     Result,
     is_failed,
 )
+from guixsvc.daemon.build.state import WorkerState
 from guixsvc.protocol.store_api import StoreError
 from guixsvc.store.canonical import canonicalise
 from guixsvc.store.db import ValidPathInfo
@@ -47,7 +48,7 @@ def replace_valid_path(path: str, new: str) -> None:
         sandbox.remove_tree(old)
 
 
-class Repair:
+class Repair(WorkerState):
     """Repair mode (`--repair`, `verify --repair`), mixed into `Worker` (worker.py)."""
 
     def _repair_substitute(self, path: str) -> bool | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from guixsvc.daemon.build.goal import LVL_ERROR, LVL_INFO
+from guixsvc.daemon.build.state import WorkerState
 from guixsvc.protocol.store_api import StoreError
 from guixsvc.store import nar
 from guixsvc.store.derivation import Derivation
@@ -21,7 +22,7 @@ def substitutes_allowed(drv: Derivation) -> bool:
     return drv.env.get("allowSubstitutes", "1") == "1"
 
 
-class SubstitutionGoal:
+class SubstitutionGoal(WorkerState):
     """The substitution step of goals (upstream `SubstitutionGoal`), mixed into `Worker`
     (worker.py), whose state it uses: is a valid item intact, and fetching missing items."""
 
