@@ -19,6 +19,7 @@ import http.client
 import os
 import random
 import re
+import socket
 import ssl
 import threading
 import time
@@ -424,7 +425,7 @@ class Substituter:
                     results = list(pool.map(one, remaining))
             except _ServerDown as exc:
                 host = urlsplit(exc.url).hostname or exc.url
-                self.message(LVL_ERROR, f"{host}: connection failed: {exc.reason}")
+                self.message(LVL_ERROR, _server_down_warning(host, exc.reason))
                 continue
             still = []
             for p, info in results:
@@ -687,6 +688,17 @@ def _setting(settings: object, name: str) -> int:
         return max(int(settings.get(name) or 0), 0)  # type: ignore[attr-defined]
     except ValueError:
         return 0
+
+
+def _server_down_warning(host: str, reason: BaseException) -> str:
+    """Upstream's call-with-connection-error-handling (guix/substitutes.scm) words."""
+    if isinstance(reason, socket.gaierror):
+        text = f"host not found: {reason.strerror}"
+    elif isinstance(reason, OSError) and reason.strerror:
+        text = f"connection failed: {reason.strerror}"
+    else:
+        text = f"connection failed: {reason}"
+    return f"guix substitute: warning: {host}: {text}"
 
 
 class _ServerDown(Exception):

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from tests.conftest import start_daemon, stop_daemon
+from tests.substitutes.helpers import free_port
 
 
 def _gc(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -51,5 +52,27 @@ def test_verify_messages_are_upstreams(tmp_path: Path) -> None:
             0,
             "reading the store...\nchecking path existence...\nchecking hashes...\n",
         )
+    finally:
+        stop_daemon(d)
+
+
+def test_unreachable_substitute_servers_are_warned_in_upstreams_words(tmp_path: Path) -> None:
+    # guix/substitutes.scm call-with-connection-error-handling: "~a: host not found: ~a" (a
+    # getaddrinfo error) and "~a: connection failed: ~a" (strerror), as warnings of `guix
+    # substitute`; not Python's "[Errno 111] ..." text.
+    port = free_port()  # nothing listens there
+    urls = f"http://127.0.0.1:{port} http://nonexistent.invalid"
+    d = start_daemon(tmp_path, f"--substitute-urls={urls}")
+    try:
+        lines: list[str] = []
+        with d.client(log=lines.append) as c:
+            missing = f"{d.env['NIX_STORE_DIR']}/{'0' * 32}-nope"
+            assert c.query_substitutable_paths([missing]) == []
+        text = "".join(lines)
+        assert (
+            "guix substitute: warning: 127.0.0.1: connection failed: Connection refused\n" in text
+        ), text
+        assert "guix substitute: warning: nonexistent.invalid: host not found: " in text, text
+        assert "[Errno" not in text
     finally:
         stop_daemon(d)
