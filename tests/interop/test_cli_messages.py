@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from guixsvc.protocol.client import DaemonError
 from tests.conftest import start_daemon, stop_daemon
 from tests.substitutes.helpers import free_port
 
@@ -74,5 +77,18 @@ def test_unreachable_substitute_servers_are_warned_in_upstreams_words(tmp_path: 
         ), text
         assert "guix substitute: warning: nonexistent.invalid: host not found: " in text, text
         assert "[Errno" not in text
+    finally:
+        stop_daemon(d)
+
+
+def test_missing_derivation_is_reported_with_upstreams_quotes(tmp_path: Path) -> None:
+    # build.cc: format("cannot build missing derivation ‘%1%’"), as `guix build` shows it.
+    d = start_daemon(tmp_path)
+    try:
+        lines: list[str] = []
+        drv = f"{d.env['NIX_STORE_DIR']}/{'0' * 32}-nope.drv"
+        with d.client(log=lines.append) as c, pytest.raises(DaemonError):
+            c.build_paths([drv])
+        assert f"cannot build missing derivation ‘{drv}’\n" in "".join(lines), lines
     finally:
         stop_daemon(d)

@@ -97,7 +97,8 @@ class Worker(DerivationGoal, LocalBuild, SubstitutionGoal, Repair):
         self.goals[drv_path] = g
         if not self.db.is_valid(drv_path):
             g.result = Result.PERMANENT_FAILURE
-            self.msg(LVL_ERROR, f"cannot build missing derivation `{drv_path}'")
+            # build.cc's quotes: ‘...’
+            self.msg(LVL_ERROR, f"cannot build missing derivation ‘{drv_path}’")
             return g
         self.store.add_temp_root(self.store.sd.parse_lax(drv_path))
         g.drv = self._read_drv(drv_path)
