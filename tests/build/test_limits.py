@@ -117,6 +117,32 @@ def test_check_mode_builds_inputs_normally(make_builds: Callable[..., Builds]) -
     assert not b.client.is_valid_path(c_outs["out"])
 
 
+def test_check_mode_without_chroot_rewrites_hashes(make_builds: Callable[..., Builds]) -> None:
+    """Without a chroot the valid output cannot be built over: the builder gets another name
+    for it and the result is rewritten back before the comparison (upstream's hash rewriting;
+    tests/store.scm "build-succeeded trace in check mode" under --disable-chroot)."""
+    b = make_builds("--disable-chroot", users=False)
+    det, outs = b.derivation("self-ref", "mkdir $out; echo $out > $out/me")
+    b.client.build_paths([det])
+    out = outs["out"]
+    before = b.client.query_path_info(out)
+    b.logs.clear()
+    b.client.build_paths([det], BuildMode.CHECK)
+    assert f"@ build-succeeded {det} -\n" in b.logs
+    assert any(line.startswith("warning: rewriting hashes in `") for line in b.logs), b.logs
+    # The valid output was neither touched nor re-registered differently.
+    assert Path(out, "me").read_text() == out + "\n"
+    assert b.client.query_path_info(out) == before
+    drv, nd_outs = b.derivation("nondet-nochroot", NONDET)
+    b.client.build_paths([drv])
+    with pytest.raises(DaemonError, match="may not be deterministic"):
+        b.client.build_paths([drv], BuildMode.CHECK)
+    assert b.client.is_valid_path(nd_outs["out"])
+    # No redirected output is left behind.
+    leftovers = [n for n in os.listdir(b.daemon.store_dir) if n.endswith("-self-ref")]
+    assert leftovers == [os.path.basename(out)]
+
+
 def test_keep_failed(make_builds: Callable[..., Builds]) -> None:
     b = make_builds(keep_failed=True)
     drv, _ = b.derivation("kept", "echo data > file; exit 1")

@@ -363,6 +363,8 @@ class DerivationGoal(WorkerState):
             if not os.path.lexists(actual):
                 raise BuildError(f"builder for `{g.drv_path}' failed to produce output path `{p}'")
             outputs.check_permissions(actual, uid)
+            if g.mode == BuildMode.CHECK and g.chroot is None and g.redirected:
+                self._rewrite_back(g, actual)
             if fixed:
                 # CVE-2024-27297: a fresh copy no builder descriptor can reach.
                 actual = self._fresh_copy(g, p, actual)
