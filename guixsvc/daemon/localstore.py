@@ -147,17 +147,8 @@ def _rename_into_place(staged: str, dest: str) -> None:
     try:
         os.rename(staged, dest)
     except OSError:
-        delete_path(dest)
+        remove_tree(dest)
         os.rename(staged, dest)
-
-
-def delete_path(path: str) -> None:
-    """Remove a file tree even if canonicalisation made its directories read-only.
-
-    `safefs.remove_tree`: relative to directory descriptors, never following a symlink, any
-    depth (the tree may be a half-restored archive or something a build user can still touch).
-    """
-    remove_tree(path)
 
 
 _STAGING_RE = re.compile(r"(?:nix|\.tmp-link)-([0-9]+)-[0-9]+")
@@ -406,7 +397,7 @@ class LocalStore:
     def _staging_path(self) -> str:
         staged = self._new_staging_name()
         self._roots().add(staged)
-        delete_path(staged)
+        remove_tree(staged)
         return staged
 
     def _roots(self) -> roots.TempRoots:
@@ -492,15 +483,15 @@ class LocalStore:
                             self.db.register_valid_paths([info])
                             self._register_derivation(sp, drv_contents)
                 except InvalidPathError as exc:
-                    delete_path(dest)
+                    remove_tree(dest)
                     raise StoreError(str(exc)) from None
                 except BaseException:
-                    delete_path(dest)
+                    remove_tree(dest)
                     raise
                 locks.set_deletion(True)
         finally:
             if not installed:
-                delete_path(staged)
+                remove_tree(staged)
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -588,7 +579,7 @@ class LocalStore:
         try:
             fd = os.open(staged, flags, 0o444)
         except FileExistsError:  # left by a dead process that had our pid
-            delete_path(staged)
+            remove_tree(staged)
             fd = os.open(staged, flags, 0o444)
         try:
             view = memoryview(contents)
@@ -599,7 +590,7 @@ class LocalStore:
             os.utime(fd, ns=(now, MTIME_STORE * _NS))
         except BaseException:
             os.close(fd)
-            delete_path(staged)
+            remove_tree(staged)
             raise
         os.close(fd)
 
@@ -636,7 +627,7 @@ class LocalStore:
                 recursive, algo, content_hasher.digest(), request.name
             )
         except BaseException:
-            delete_path(staged)
+            remove_tree(staged)
             raise
         self._install(sp, staged, [], nar_hash=nar_digest, nar_size=nar_size)
         return sp
@@ -761,7 +752,7 @@ class LocalStore:
             if deriver_path and not self.db.is_valid(self._path(deriver_path)):
                 deriver_path = None
         except BaseException:
-            delete_path(staged)
+            remove_tree(staged)
             raise
         self._install(sp, staged, ref_paths, deriver=deriver_path)
         return sp

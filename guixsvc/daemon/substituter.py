@@ -35,6 +35,7 @@ from guixsvc.store import base32, nar
 from guixsvc.store.compression import decompressor
 from guixsvc.store.narinfo import Narinfo, NarinfoError, best_entries, parse_narinfo, select_hit
 from guixsvc.store.paths import InvalidStorePath, StorePath
+from guixsvc.store.safefs import remove_tree
 
 if TYPE_CHECKING:
     from guixsvc.daemon.localstore import LocalStore
@@ -709,10 +710,8 @@ class _ServerDown(Exception):
 
 
 def store_delete(path: str) -> None:
-    from guixsvc.daemon.localstore import delete_path
-
     with contextlib.suppress(OSError):
-        delete_path(path)
+        remove_tree(path)
 
 
 def for_store(store: LocalStore) -> Substituter:

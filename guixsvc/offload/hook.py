@@ -45,6 +45,7 @@ from guixsvc.protocol.wire import (
 )
 from guixsvc.store import nar
 from guixsvc.store.db import ValidPathInfo
+from guixsvc.store.safefs import remove_tree
 
 if TYPE_CHECKING:
     from guixsvc.daemon.build.goal import Goal, Running
@@ -254,7 +255,6 @@ class Offloader:
         goes on as for a local builder (success: the outputs are checked and registered; a
         timeout); True: the failure was handled here (permanent failure, or the goal is left
         to be tried again on another machine or locally)."""
-        from guixsvc.daemon.build import sandbox
         from guixsvc.daemon.build.goal import Result
 
         active = self.active.pop(g.drv_path, None)
@@ -276,7 +276,7 @@ class Offloader:
         g.running = None
         for p in g.missing:
             if not w.db.is_valid(p):
-                sandbox.remove_tree(p)
+                remove_tree(p)
         code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
         name = active.machine.name
         if code != EXIT_PERMANENT and code != EXIT_UNSUITABLE:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from guixsvc.daemon.localstore import delete_path
 from guixsvc.protocol.client import DaemonClient
+from guixsvc.store.safefs import remove_tree
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -170,4 +170,4 @@ def wipe_store(shared: Path) -> None:
     """Empty the shared directory (B's store) between B nodes."""
     if shared.exists():
         for entry in os.listdir(shared):
-            delete_path(str(shared / entry))
+            remove_tree(str(shared / entry))

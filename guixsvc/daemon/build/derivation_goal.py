@@ -28,6 +28,7 @@ from guixsvc.protocol.store_api import StoreError
 from guixsvc.store.db import ValidPathInfo
 from guixsvc.store.locks import PathLocks
 from guixsvc.store.optimise import optimise_path
+from guixsvc.store.safefs import remove_tree
 
 
 def status_to_string(status: int) -> str:
@@ -205,7 +206,7 @@ class DerivationGoal(WorkerState):
         # Existing but invalid outputs go; corrupt valid ones stay until replaced (repair).
         for p in out_paths:
             if not self.db.is_valid(p) and os.path.lexists(p):
-                sandbox.remove_tree(p)
+                remove_tree(p)
         try:
             if self.offloader is not None:
                 # Upstream `tryBuildHook`, then a local build slot (preferLocalBuild builds
@@ -344,7 +345,7 @@ class DerivationGoal(WorkerState):
         if g.mode != BuildMode.CHECK:
             for p in g.missing:
                 if not self.db.is_valid(p):
-                    sandbox.remove_tree(p)
+                    remove_tree(p)
         self._cleanup(g, failed=True)
         self._done(g, Result.OUTPUT_REJECTED)
 
@@ -391,7 +392,7 @@ class DerivationGoal(WorkerState):
                 if old is not None and old.nar_hash != info.nar_hash:
                     if self.settings.keep_failed:
                         dst = p + "-check"
-                        sandbox.remove_tree(dst)
+                        remove_tree(dst)
                         os.rename(actual, dst)
                         raise StoreError(
                             f"derivation `{g.drv_path}' may not be deterministic: output `{p}' "
@@ -427,10 +428,10 @@ class DerivationGoal(WorkerState):
             for p in infos:
                 if self.settings.keep_failed:
                     check = p + "-check"
-                    sandbox.remove_tree(check)
+                    remove_tree(check)
                     os.rename(p, check)
                 else:
-                    sandbox.remove_tree(p)
+                    remove_tree(p)
             return False
         if self.settings.get_bool("auto-optimise-store"):
             for p in infos:
@@ -445,8 +446,8 @@ class DerivationGoal(WorkerState):
         """Replace the output at `actual` by a copy owned by the daemon (upstream copies each
         fixed output to `<out>.tmp` and renames it back); returns the copy's location."""
         copy = f"{actual}.tmp-{os.getpid()}"
-        sandbox.remove_tree(copy)
+        remove_tree(copy)
         outputs.copy_fresh(actual, copy)
-        sandbox.remove_tree(actual)
+        remove_tree(actual)
         os.rename(copy, actual)
         return actual

@@ -30,6 +30,7 @@ from guixsvc.daemon.build.state import WorkerState
 from guixsvc.protocol.ops import BuildMode
 from guixsvc.protocol.store_api import StoreError
 from guixsvc.store import base32, nar
+from guixsvc.store.safefs import remove_tree
 
 READ_SIZE = 4096
 
@@ -381,7 +382,7 @@ class LocalBuild(WorkerState):
         data = b"".join(nar.dump(actual))
         for old, new in rewrites.items():
             data = data.replace(old.encode(), new.encode())
-        sandbox.remove_tree(actual)
+        remove_tree(actual)
         nar.restore([data], actual)
 
     def _redirect(self, g: Goal, path: str) -> str:
@@ -390,7 +391,7 @@ class LocalBuild(WorkerState):
         store = self.store.config.store_dir
         digest = hashlib.sha256(f"rewrite:{g.drv_path}:{path}".encode()).digest()
         redirected = f"{store}/{base32.encode(digest)[:32]}{path[len(store) + 33 :]}"
-        sandbox.remove_tree(redirected)
+        remove_tree(redirected)
         g.redirected[path] = redirected
         self.msg(LVL_CHATTY, f"output '{path}' redirected to '{redirected}'")
         return redirected
@@ -413,14 +414,14 @@ class LocalBuild(WorkerState):
             except Exception as exc:  # a failed output that cannot be made safe goes
                 self.msg(LVL_ERROR, f"error: {exc}")
                 with contextlib.suppress(OSError):
-                    sandbox.remove_tree(actual)
+                    remove_tree(actual)
 
     def _cleanup(self, g: Goal, *, failed: bool, keep_locks: bool = False) -> None:
         """Remove the chroot and build tree (or keep it), stop the build user's processes and
         release it, release the locks.  Idempotent, and every step runs whatever the others
         did: a step that fails is reported, never allowed to keep the user or the locks."""
 
-        def step(what: str, fn: Callable[[], None]) -> None:
+        def step(what: str, fn: Callable[[], object]) -> None:
             try:
                 fn()
             except Exception as exc:  # clean-up goes on; the error is reported
@@ -431,7 +432,7 @@ class LocalBuild(WorkerState):
         for redirected in list(g.redirected.values()):
 
             def remove(r: str = redirected) -> None:
-                sandbox.remove_tree(r)
+                remove_tree(r)
 
             step("removing a redirected output", remove)
         g.redirected.clear()
@@ -440,10 +441,10 @@ class LocalBuild(WorkerState):
 
                 def restore(p: str = p, aside: str = aside) -> None:
                     if failed:
-                        sandbox.remove_tree(p)
+                        remove_tree(p)
                         os.rename(aside, p)
                     else:
-                        sandbox.remove_tree(aside)
+                        remove_tree(aside)
 
                 step("restoring the outputs", restore)
             g.moved_aside.clear()
@@ -453,14 +454,14 @@ class LocalBuild(WorkerState):
         if g.chroot is not None:
             chroot = g.chroot
             g.chroot = None
-            step("removing the chroot", lambda: sandbox.remove_tree(chroot))
+            step("removing the chroot", lambda: remove_tree(chroot))
         if g.top_dir is not None:
             if failed and self.settings.keep_failed:
                 self.msg(LVL_ERROR, f"note: keeping build directory `{g.top_dir}'")
                 step("handing over the build directory", lambda: self._give_kept_tree(g))
             else:
                 top = g.top_dir
-                step("removing the build directory", lambda: sandbox.remove_tree(top))
+                step("removing the build directory", lambda: remove_tree(top))
             g.top_dir = g.tmp_dir = None
         if g.user is not None:
             g.user.release()
@@ -493,7 +494,7 @@ class LocalBuild(WorkerState):
             pivot = top + ".pivot"
             os.rename(top, pivot)
             os.rename(os.path.join(pivot, "top"), top)
-            sandbox.remove_tree(pivot)
+            remove_tree(pivot)
 
 
 def _stop_slirp(g: Goal) -> None:

@@ -11,7 +11,6 @@ import contextlib
 import os
 import random
 
-from guixsvc.daemon.build import sandbox
 from guixsvc.daemon.build.goal import (
     LVL_CHATTY,
     LVL_DEBUG,
@@ -27,6 +26,7 @@ from guixsvc.protocol.store_api import StoreError
 from guixsvc.store.canonical import canonicalise
 from guixsvc.store.db import ValidPathInfo
 from guixsvc.store.locks import PathLocks
+from guixsvc.store.safefs import remove_tree
 
 
 def replace_valid_path(path: str, new: str) -> None:
@@ -45,7 +45,7 @@ def replace_valid_path(path: str, new: str) -> None:
             os.rename(old, path)
         raise StoreError(f"moving `{new}' to `{path}': {exc.strerror}") from None
     if moved:
-        sandbox.remove_tree(old)
+        remove_tree(old)
 
 
 class Repair(WorkerState):
@@ -85,19 +85,19 @@ class Repair(WorkerState):
         with PathLocks([path]) as locks:
             self.msg(LVL_INFO, f"fetching path `{path}'...")
             for entry in best_entries(hit.narinfo):
-                sandbox.remove_tree(dest)
+                remove_tree(dest)
                 try:
                     digest, size = sub._download(entry.url, entry.compression, dest)
                     sub._check(hit.narinfo, path, digest, size)
                 except substituter.FetchError as exc:
-                    sandbox.remove_tree(dest)
+                    remove_tree(dest)
                     self.msg(LVL_INFO, str(exc))
                     self.trace(f"@ substituter-failed {path} 1 {exc}")
                     if "hash mismatch" in str(exc):
                         break
                     continue
                 except BaseException:
-                    sandbox.remove_tree(dest)
+                    remove_tree(dest)
                     raise
                 canonicalise(dest)
                 replace_valid_path(path, dest)

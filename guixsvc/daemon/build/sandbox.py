@@ -431,7 +431,7 @@ def prepare_chroot(
     file inputs are bind-mounted too (read-only, see `_setup_mounts`) and symlinks recreated.
     """
     if os.path.lexists(root):
-        remove_tree(root)
+        safefs.remove_tree(root)
     os.mkdir(root, 0o750)
     os.chmod(root, 0o750)
     if not rootless:
@@ -521,13 +521,6 @@ def prepare_chroot(
 def _write(path: str, text: str) -> None:
     with open(path, "w") as f:
         f.write(text)
-
-
-def remove_tree(path: str) -> None:
-    """Delete a tree whatever its permissions, never following symlinks (`safefs.remove_tree`:
-    descriptor-relative and iterative, so a build tree rearranged by a builder, or deeper than
-    PATH_MAX, cannot redirect or stop it)."""
-    safefs.remove_tree(path)
 
 
 # ------------------------------------------------------------------------------------------------
